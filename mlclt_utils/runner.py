@@ -1,0 +1,146 @@
+"""Run the chain of chapters with papermill, then build the book.
+
+    python -m mlclt_utils.runner --preset tiny                 # every chapter, then the book
+    python -m mlclt_utils.runner --preset small --chapters 01 02 --no-build
+    python -m mlclt_utils.runner --preset tiny --param training.tokens=200000
+
+Chapters are executed in the order of ``_toc.yml`` from ``notebooks/NN_slug.ipynb`` into
+``book/chapters/NN_slug.ipynb``. The first failing chapter stops the run with its name and
+the failing cell. The book is then built with Jupyter Book in strict mode (warnings are
+errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .presets import PRESETS, load_preset
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+EXECUTED = REPO / "book" / "chapters"
+
+
+class ChapterFailed(RuntimeError):
+    pass
+
+
+def chapter_sources() -> list[Path]:
+    """Chapter sources in toc order (the toc lists book/chapters/NN_slug entries)."""
+    import yaml
+
+    toc = yaml.safe_load((REPO / "_toc.yml").read_text())
+    entries = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                entries.append(node["file"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(toc)
+    names = [Path(e).name for e in entries if e.startswith("book/chapters/")]
+    sources = [NOTEBOOKS / f"{n}.ipynb" for n in names]
+    missing = [str(s) for s in sources if not s.exists()]
+    if missing:
+        raise FileNotFoundError(f"_toc.yml lists chapters without a source notebook: {missing}")
+    return sources
+
+
+def select(sources: list[Path], wanted: list[str] | None) -> list[Path]:
+    if not wanted:
+        return sources
+    by_prefix = {s.name.split("_")[0]: s for s in sources}
+    chosen = []
+    for w in wanted:
+        key = w.split("_")[0].zfill(2)
+        if key not in by_prefix:
+            raise ValueError(f"unknown chapter {w!r}; chapters: {', '.join(sorted(by_prefix))}")
+        chosen.append(by_prefix[key])
+    return sorted(chosen)
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ValueError(f"--param {text!r} must look like key=value")
+    key, value = text.split("=", 1)
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def run_chapter(source: Path, parameters: dict, kernel: str = "python3") -> Path:
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    EXECUTED.mkdir(parents=True, exist_ok=True)
+    out = EXECUTED / source.name
+    tmp = out.with_name(f".{out.name}.running")
+    try:
+        pm.execute_notebook(str(source), str(tmp), parameters=parameters, kernel_name=kernel,
+                            cwd=str(NOTEBOOKS), progress_bar=False, log_output=True)
+    except PapermillExecutionError as err:
+        raise ChapterFailed(
+            f"chapter {source.stem} failed in cell {err.exec_count} "
+            f"({err.ename}: {err.evalue}); the partial notebook is {tmp}") from None
+    os.replace(tmp, out)
+    return out
+
+
+def build_book(strict: bool = True) -> Path:
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(REPO)]
+    if strict:
+        cmd += ["--warningiserror", "--keep-going"]
+    missing = [s.name for s in chapter_sources() if not (EXECUTED / s.name).exists()]
+    if missing:
+        raise ChapterFailed(f"cannot build the book: chapters not executed yet: {missing}")
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return REPO / "_build" / "html" / "index.html"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
+    ap.add_argument("--run", default=None, help="run name (artifact folder); defaults to the preset")
+    ap.add_argument("--chapters", nargs="*", help="chapter numbers to run, e.g. 01 02 (default: all)")
+    ap.add_argument("--param", action="append", default=[], help="override, e.g. training.tokens=2e5")
+    ap.add_argument("--no-build", action="store_true", help="run chapters only")
+    ap.add_argument("--build-only", action="store_true", help="build the book from executed chapters")
+    args = ap.parse_args(argv)
+
+    overrides = dict(parse_param(p) for p in args.param)
+    load_preset(args.preset, overrides)  # fails here, before any work, on a bad preset or key
+    parameters = {"preset": args.preset, "run": args.run or args.preset, "overrides": overrides}
+
+    try:
+        if not args.build_only:
+            for source in select(chapter_sources(), args.chapters):
+                start = time.time()
+                print(f"== chapter {source.stem} ({args.preset})", flush=True)
+                run_chapter(source, parameters)
+                print(f"== chapter {source.stem} done in {time.time() - start:.0f} s", flush=True)
+        if not args.no_build:
+            index = build_book()
+            print(f"book built: {index}")
+    except ChapterFailed as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as err:
+        print(f"ERROR: the book build failed (exit {err.returncode})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
