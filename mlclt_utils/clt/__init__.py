@@ -1,0 +1,11 @@
+"""Cross-layer transcoders (CLTs): the model, activation collection, training, benchmark.
+
+``model`` holds the ``CrossLayerTranscoder`` (JumpReLU, TopK or BatchTopK; cross-layer or
+per-layer decoders) with a sparse CPU training path; ``activations`` collects MLP inputs
+and outputs from a TransformerLens model and streams them through a bounded shuffling
+buffer; ``train`` is the training loop (single process or torchrun) and the stage builder.
+"""
+
+from .model import CLTConfig, CrossLayerTranscoder
+
+__all__ = ["CLTConfig", "CrossLayerTranscoder"]

@@ -1,0 +1,40 @@
+import pytest
+
+from mlclt_utils.presets import PRESETS, load_preset, mixture_name, model_names
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_valid(name):
+    preset = load_preset(name)
+    assert preset["name"] == name
+    assert len(preset["models"]["sizes"]) >= 2  # papers B and C compare sizes
+    assert model_names(preset)
+
+
+def test_overrides_are_applied_to_a_copy():
+    preset = load_preset("tiny", {"training.tokens": 1234, "mixtures.english_shares": [0.0, 0.5, 1.0]})
+    assert preset["training"]["tokens"] == 1234
+    assert load_preset("tiny")["training"]["tokens"] != 1234
+    with pytest.raises(ValueError, match="size_comparison_share"):
+        load_preset("tiny", {"mixtures.english_shares": [0.2]})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"name": "huge"}, "unknown preset 'huge'.*tiny"),
+    ({"overrides": {"training.tokns": 1}}, "unknown parameter 'training.tokns'.*training.tokens"),
+    ({"overrides": {"corpus.languages": ["en", "xx"]}}, "unknown language code 'xx'"),
+    ({"overrides": {"mixtures.english_shares": [0.5, 1.5]}}, "1.5 is outside"),
+    ({"overrides": {"mixtures.english_shares": [-0.1, 0.5]}}, "-0.1 is outside"),
+    ({"overrides": {"clt.activation": "relu"}}, "'relu'.*jumprelu"),
+    ({"overrides": {"training.lr": "fast"}}, "must be a number"),
+    ({"overrides": {"corpus.source": "web"}}, "'web'.*bible"),
+    ({"overrides": {"corpus.languages": ["fr", "de"]}}, "'en' is not in the languages"),
+])
+def test_bad_parameters_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_preset(**kwargs)
+
+
+def test_names():
+    assert mixture_name(0.0) == "en0" and mixture_name(0.5) == "en50" and mixture_name(0.9) == "en90"
+    assert model_names(load_preset("tiny")) == ["s-en50", "s-en90", "m-en50"]
