@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ENV_ROOT = "MLCLT_ARTIFACTS"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class ManifestMismatch(RuntimeError):
@@ -65,6 +67,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; use the usual mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -119,13 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-only", action="store_true", help="build the book from executed chapters")
     args = ap.parse_args(argv)
 
-    overrides = dict(parse_param(p) for p in args.param)
-    load_preset(args.preset, overrides)  # fails here, before any work, on a bad preset or key
+    try:  # fail here, before any work, on a bad preset, key or value
+        overrides = dict(parse_param(p) for p in args.param)
+        load_preset(args.preset, overrides)
+        chapters = select(chapter_sources(), args.chapters)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
     parameters = {"preset": args.preset, "run": args.run or args.preset, "overrides": overrides}
 
     try:
         if not args.build_only:
-            for source in select(chapter_sources(), args.chapters):
+            for source in chapters:
                 start = time.time()
                 print(f"== chapter {source.stem} ({args.preset})", flush=True)
                 run_chapter(source, parameters)

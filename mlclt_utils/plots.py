@@ -1,0 +1,124 @@
+"""Figures and tables of the chapters (matplotlib, so the book renders them as images)."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .languages import language_name
+
+
+def _label(lang: str) -> str:
+    try:
+        return f"{lang} ({language_name(lang)})"
+    except ValueError:
+        return lang
+
+
+# ---- chapter 01 -------------------------------------------------------------------------
+
+def fertility_figure(fertility: pd.DataFrame):
+    """Three panels: tokens per unit, share of multi-piece units, tokens relative to English."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    langs = list(fertility.index)
+    colours = ["tab:gray" if lang == "en" else "tab:blue" for lang in langs]
+    panels = [
+        ("tokens_per_unit", "tokens per word\n(per character for zh, ja)"),
+        ("multi_piece_share", "share of words split into ≥ 2 pieces\n(zh, ja: characters not in the vocabulary)"),
+        ("ratio_to_reference", "tokens for the same verses,\nrelative to English"),
+    ]
+    for ax, (column, title) in zip(axes, panels):
+        ax.bar(langs, fertility[column], color=colours)
+        ax.set_title(title, fontsize=10)
+        for i, v in enumerate(fertility[column]):
+            if not (isinstance(v, float) and math.isnan(v)):
+                ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    axes[2].axhline(1.0, color="k", lw=0.8, ls="--")
+    fig.suptitle("Tokenizer fertility on the parallel set", y=1.03)
+    fig.tight_layout()
+    return fig
+
+
+def mixture_report_table(reports: Mapping[str, Mapping[str, Mapping]]) -> pd.DataFrame:
+    """Realised training tokens (and passes over the data) per mixture and language."""
+    rows = []
+    for mixture, per_lang in reports.items():
+        for lang, r in per_lang.items():
+            rows.append({"mixture": mixture, "language": lang, "tokens": r["realised_tokens"],
+                         "epochs": r["epochs"]})
+    df = pd.DataFrame(rows)
+    tokens = df.pivot(index="mixture", columns="language", values="tokens")
+    share = tokens.div(tokens.sum(axis=1), axis=0)
+    epochs = df.pivot(index="mixture", columns="language", values="epochs")
+    return pd.concat({"tokens": tokens, "share": share.round(3), "epochs": epochs.round(3)}, axis=1)
+
+
+# ---- chapter 02 -------------------------------------------------------------------------
+
+def _val_columns(df: pd.DataFrame, languages) -> dict[str, str]:
+    """Map language -> the metrics column holding its validation loss."""
+    out = {}
+    for lang in languages:
+        for col in (f"val_loss_{lang}", f"val_loss/{lang}", f"val/{lang}", lang):
+            if col in df.columns:
+                out[lang] = col
+                break
+    return out
+
+
+def loss_curves(metrics: Mapping[str, pd.DataFrame], languages):
+    """One panel per model: validation loss per language against training tokens."""
+    n = len(metrics)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), sharey=True, squeeze=False)
+    for ax, (name, df) in zip(axes.flat, metrics.items()):
+        val = _val_columns(df, languages)
+        evals = df.dropna(subset=list(val.values())) if val else df
+        for lang, col in val.items():
+            ax.plot(evals["tokens"], evals[col], marker=".", label=lang)
+        if "train_loss" in df:
+            ax.plot(df["tokens"], df["train_loss"], color="k", alpha=0.25, lw=0.8, label="train")
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("validation loss (nats/token)")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def final_losses(metrics: Mapping[str, pd.DataFrame], languages) -> pd.DataFrame:
+    """Last validation loss per model (rows) and language (columns), plus the gap to English."""
+    rows = {}
+    for name, df in metrics.items():
+        val = _val_columns(df, languages)
+        last = df.dropna(subset=list(val.values())).iloc[-1]
+        rows[name] = {lang: float(last[col]) for lang, col in val.items()}
+    table = pd.DataFrame(rows).T[list(languages)]
+    if "en" in table:
+        others = [lang for lang in languages if lang != "en"]
+        table["gap to en (mean)"] = table[others].mean(axis=1) - table["en"]
+    return table
+
+
+def loss_heatmap(table: pd.DataFrame, title: str = "final validation loss"):
+    fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2, 0.5 * table.shape[0] + 1.5))
+    im = ax.imshow(table.values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
+    ax.set_yticks(range(table.shape[0]), table.index)
+    for i in range(table.shape[0]):
+        for j in range(table.shape[1]):
+            v = table.values[i, j]
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < np.nanmean(table.values) else "k", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,261 @@
+"""One byte-level BPE tokenizer per run, shared by every model of the run.
+
+The tokenizer is trained with the Hugging Face ``tokenizers`` library (byte-level
+pre-tokenizer and decoder, so any text round-trips exactly) on a language-balanced
+sample: the same number of characters from each language's train split. Special
+tokens come first, so their ids are fixed: ``<pad>`` 0, ``<unk>`` 1, ``<sep>`` 2,
+``<bos>`` 3, ``<eos>`` 4 (BOS 3 and EOS 4 as in the paper's released models; BOS is
+never 0, which circuit-tracer needs).
+
+The saved tokenizer does not insert BOS by itself: TransformerLens prepends
+``tokenizer.bos_token`` when asked (``prepend_bos=True``), and the data sets of
+``corpus`` put BOS at the start of every sequence. Give TransformerLens a tokenizer
+loaded from its folder (``load_tokenizer`` / ``load_tokenizer_stage``): it reloads the
+tokenizer by its ``name_or_path``, which a freshly trained, unsaved one lacks.
+
+It is saved as a Hugging Face tokenizer folder, loadable with
+``transformers.AutoTokenizer.from_pretrained(folder)`` (circuit-tracer takes the folder
+path as ``tokenizer_name``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .artifacts import Stage
+from .corpus import (BOS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID, Corpus, _lang_seed, corpus_config,
+                     encode_texts, load_corpus_stage)
+from .languages import NO_SPACE_LANGUAGES
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<sep>", "<bos>", "<eos>"]
+SPECIAL_IDS = {"<pad>": PAD_ID, "<unk>": UNK_ID, "<sep>": SEP_ID, "<bos>": BOS_ID, "<eos>": EOS_ID}
+DEFAULT_MAX_LENGTH = 1024
+
+
+def training_sample(corpus: Corpus, chars_per_language: int, seed: int) -> list[str]:
+    """About ``chars_per_language`` characters of train documents from every language,
+    documents taken in a seeded order (the last one cut to fit)."""
+    sample = []
+    for lang in corpus.languages:
+        docs = corpus.texts[lang]["train"]
+        left = chars_per_language
+        for i in _lang_seed(seed, lang, 0xB0E).permutation(len(docs)):
+            if left <= 0:
+                break
+            doc = docs[int(i)][:left]
+            sample.append(doc)
+            left -= len(doc)
+    return sample
+
+
+def _check_tok_cfg(tok_cfg: Mapping[str, Any]) -> None:
+    for key in ("vocab_size", "sample_chars_per_language", "min_frequency"):
+        value = tok_cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"tokenizer.{key} is {value!r}; it must be a positive integer")
+    if tok_cfg["vocab_size"] < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"tokenizer.vocab_size {tok_cfg['vocab_size']} is too small: byte-level "
+                         f"BPE needs at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+
+
+def wrap_tokenizer(tok, model_max_length: int | None = None):
+    """A ``PreTrainedTokenizerFast`` around a ``tokenizers.Tokenizer`` with our special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", sep_token="<sep>",
+        model_max_length=model_max_length or DEFAULT_MAX_LENGTH,
+        clean_up_tokenization_spaces=False,
+        padding_side="right",
+    )
+    _check_ids(fast)
+    return fast
+
+
+def _check_ids(tokenizer) -> None:
+    got = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    if got != SPECIAL_IDS:
+        raise ValueError(f"special token ids are {got}, expected {SPECIAL_IDS}")
+
+
+def train_tokenizer(corpus: Corpus, tok_cfg: Mapping[str, Any], seed: int,
+                    model_max_length: int | None = None):
+    """Train a byte-level BPE on a language-balanced sample of ``corpus``'s train split.
+
+    ``tok_cfg`` holds ``vocab_size``, ``sample_chars_per_language`` and ``min_frequency``
+    (the preset's ``tokenizer`` section). Returns a ``PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    _check_tok_cfg(tok_cfg)
+    sample = training_sample(corpus, tok_cfg["sample_chars_per_language"], seed)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=tok_cfg["vocab_size"],
+        min_frequency=tok_cfg["min_frequency"],
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sample, trainer=trainer, length=len(sample))
+    return wrap_tokenizer(tok, model_max_length)
+
+
+def save_tokenizer(tokenizer, folder) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def load_tokenizer(folder):
+    """Load a tokenizer folder written by :func:`save_tokenizer` (checks the special ids)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer.json in {folder}; build the tokenizer stage first")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    _check_ids(tok)
+    return tok
+
+
+# --------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------
+
+def tokenizer_config(preset: Mapping[str, Any]) -> dict:
+    return {**preset["tokenizer"], "seed": preset["seed"],
+            "model_max_length": preset["models"]["n_ctx"]}
+
+
+def tokenizer_folder(run: str, root=None) -> Path:
+    """The folder to give ``AutoTokenizer.from_pretrained`` or circuit-tracer."""
+    return Stage(run, "tokenizer", root).path
+
+
+def build_tokenizer_stage(preset: Mapping[str, Any], run: str, root=None) -> Stage:
+    """Stage ``tokenizer``: a Hugging Face tokenizer folder plus ``fertility.csv`` (on the
+    parallel set when the corpus has one, else on the test split). Skipped when up to date."""
+    cfg = tokenizer_config(preset)
+    _check_tok_cfg(cfg)
+    stage = Stage(run, "tokenizer", root)
+    corpus_stage = Stage(run, "corpus", root)
+    corpus_stage.require(corpus_config(preset))
+    if stage.matches(cfg):
+        return stage
+    t0 = time.perf_counter()
+    corpus = load_corpus_stage(run, root)
+    t1 = time.perf_counter()
+    tok = train_tokenizer(corpus, cfg, cfg["seed"], cfg["model_max_length"])
+    t2 = time.perf_counter()
+    stage.start()
+    save_tokenizer(tok, stage.path)
+    if corpus.has_parallel:
+        texts = {lang: corpus.parallel[lang] for lang in corpus.languages}
+    else:
+        texts = {lang: corpus.texts[lang]["test"] for lang in corpus.languages}
+    fertility_table(tok, texts).to_csv(stage.file("fertility.csv"))
+    stage.finish(cfg, inputs=[corpus_stage],
+                 timings={"load_s": t1 - t0, "train_s": t2 - t1, "write_s": time.perf_counter() - t2},
+                 vocab_size=len(tok))
+    return stage
+
+
+def load_tokenizer_stage(run: str, root=None):
+    stage = Stage(run, "tokenizer", root)
+    stage.require()
+    return load_tokenizer(stage.path)
+
+
+# --------------------------------------------------------------------------------------
+# Fertility
+# --------------------------------------------------------------------------------------
+
+def _strip_punct(word: str) -> str:
+    start, end = 0, len(word)
+    while start < end and unicodedata.category(word[start])[0] in "PS":
+        start += 1
+    while end > start and unicodedata.category(word[end - 1])[0] in "PS":
+        end -= 1
+    return word[start:end]
+
+
+def _is_text_char(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "LMN"
+
+
+def fertility_table(tokenizer, texts_by_lang: Mapping[str, list[str]], reference: str = "en"):
+    """How finely the tokenizer cuts each language. One row per language:
+
+    * ``unit``: ``word`` (whitespace-split, punctuation stripped from the ends) or, for
+      languages written without spaces (zh, ja), ``character`` (letters and digits only).
+    * ``tokens_per_unit``: tokens of the running texts divided by the number of units
+      (tokens per word; tokens per character for zh/ja).
+    * ``multi_piece_share``: share of word occurrences cut into two or more tokens when
+      tokenized as they appear mid-sentence (with their leading space, which byte-level
+      BPE marks). For zh/ja: share of character occurrences that the vocabulary cannot
+      hold as one token (the character alone needs two or more byte tokens), i.e. the
+      characters the model has to reassemble from bytes.
+    * ``ratio_to_reference``: total tokens of the language over total tokens of the
+      reference language (English) on the same aligned texts (pairs where both are
+      non-empty), so the ratio compares the same meaning. It is computed when all
+      lists have the same length (taken as aligned, e.g. ``corpus.parallel``), else NaN.
+    * ``chars_per_token``.
+    """
+    import pandas as pd
+
+    lengths = {len(v) for v in texts_by_lang.values()}
+    aligned = len(lengths) == 1 and reference in texts_by_lang
+    counts = {lang: np.array([len(ids) for ids in encode_texts(tokenizer, [t or "" for t in texts])])
+              for lang, texts in texts_by_lang.items()}
+    rows = []
+    for lang, texts in texts_by_lang.items():
+        texts = [t for t in texts if t]
+        n_tokens = int(counts[lang].sum())
+        n_chars = sum(len(t) for t in texts)
+        if lang in NO_SPACE_LANGUAGES:
+            unit = "character"
+            units = Counter(ch for t in texts for ch in t if _is_text_char(ch))
+            pieces_of = {u: len(ids) for u, ids in zip(units, encode_texts(tokenizer, list(units)))}
+        else:
+            unit = "word"
+            units = Counter(w for t in texts for w in (_strip_punct(x) for x in t.split()) if w)
+            pieces_of = {u: len(ids) for u, ids in
+                         zip(units, encode_texts(tokenizer, [" " + u for u in units]))}
+        n_units = sum(units.values())
+        multi = sum(c for u, c in units.items() if pieces_of[u] >= 2)
+        ratio = math.nan
+        if aligned:
+            both = np.array([bool(a) and bool(b) for a, b in zip(texts_by_lang[lang], texts_by_lang[reference])])
+            ref_total = counts[reference][both].sum() if both.any() else 0
+            if ref_total:
+                ratio = float(counts[lang][both].sum() / ref_total)
+        rows.append({
+            "language": lang,
+            "unit": unit,
+            "units": n_units,
+            "tokens": n_tokens,
+            "tokens_per_unit": n_tokens / n_units if n_units else math.nan,
+            "multi_piece_share": multi / n_units if n_units else math.nan,
+            "ratio_to_reference": ratio,
+            "chars_per_token": n_chars / n_tokens if n_tokens else math.nan,
+        })
+    return pd.DataFrame(rows).set_index("language")
+
+
+__all__ = [
+    "SPECIAL_TOKENS", "SPECIAL_IDS", "training_sample", "train_tokenizer", "wrap_tokenizer",
+    "save_tokenizer", "load_tokenizer", "tokenizer_config", "tokenizer_folder",
+    "build_tokenizer_stage", "load_tokenizer_stage", "fertility_table",
+]

@@ -1,0 +1,35 @@
+"""The tiny chain end to end, then the book build in strict mode."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_tiny_chain_and_book(tmp_path):
+    env = dict(os.environ, MLCLT_ARTIFACTS=str(tmp_path / "artifacts"))
+    done = subprocess.run([sys.executable, "-m", "mlclt_utils.runner", "--preset", "tiny"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    html = REPO / "_build" / "html"
+    for chapter in ("00_overview", "01_data_tokenizer", "02_train_models", "03_fit_clts"):
+        page = html / "book" / "chapters" / f"{chapter}.html"
+        assert page.exists(), f"{page} was not built"
+    # executed chapters carry their figures as images, so the book reads without a kernel
+    assert "<img" in (html / "book" / "chapters" / "02_train_models.html").read_text()
+    # a rerun finds every stage up to date and repeats cleanly
+    again = subprocess.run([sys.executable, "-m", "mlclt_utils.runner", "--preset", "tiny",
+                            "--chapters", "01", "--no-build"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+
+
+def test_runner_refuses_bad_preset_before_work():
+    done = subprocess.run([sys.executable, "-m", "mlclt_utils.runner", "--preset", "huge"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "unknown preset 'huge'" in done.stderr

@@ -1,0 +1,28 @@
+"""Chapter sources are stored clean and parameterised the same way."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mlclt_utils.runner import chapter_sources
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_toc_lists_every_notebook():
+    assert [p.name for p in chapter_sources()] == [p.name for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_clean_with_one_parameters_cell(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
+        f"{path.name} is stored with outputs; clear them"
+    params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1, f"{path.name} has {len(params)} cells tagged 'parameters'"
+    source = "".join(params[0]["source"])
+    for name in ("preset", "run", "overrides"):
+        assert f"{name} =" in source, f"{path.name}: parameters cell lacks {name!r}"
+    assert nb["cells"][0]["cell_type"] == "markdown" and "".join(nb["cells"][0]["source"]).startswith("# ")
