@@ -110,6 +110,7 @@ def final_losses(metrics: Mapping[str, pd.DataFrame], languages) -> pd.DataFrame
 
 
 def loss_heatmap(table: pd.DataFrame, title: str = "final validation loss"):
+    table = table[[c for c in table.columns if not str(c).startswith("gap")]]
     fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2, 0.5 * table.shape[0] + 1.5))
     im = ax.imshow(table.values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")

@@ -1,0 +1,192 @@
+"""Speed benchmarks, measured against this machine's own matmul peak.
+
+    python -m mlclt_utils.bench peak                 # matmul GFLOP/s of this machine
+    python -m mlclt_utils.bench train [--steps 20]   # model training speed, tiny and small presets
+    python -m mlclt_utils.bench clt ...              # CLT training speed (mlclt_utils.clt.bench)
+
+The training benchmark runs the same step function as ``models.train_model`` on random
+tokens, at the model sizes of the presets, and reports tokens/s, achieved GFLOP/s and
+the fraction of the matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+from typing import Iterator
+
+import torch
+
+from . import models
+from .presets import load_preset
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def measure_matmul_peak(threads: int | None = None, dtype: torch.dtype = torch.float32,
+                        sizes=(1024, 1536, 2048), repeats: int = 3, device: str = "cpu") -> float:
+    """Best GFLOP/s of large square matmuls (2·n³ FLOPs each) after a warm-up."""
+    dev = torch.device(device)
+    best = 0.0
+    with _threads(threads):
+        for n in sizes:
+            a = torch.randn(n, n, dtype=dtype, device=dev)
+            b = torch.randn(n, n, dtype=dtype, device=dev)
+            out = torch.empty(n, n, dtype=dtype, device=dev)
+            torch.mm(a, b, out=out)  # warm-up
+            _sync(dev)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                torch.mm(a, b, out=out)
+                _sync(dev)
+                best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def train_flops_per_token(cfg) -> float:
+    """Training FLOPs per token of a GPT-2 style model.
+
+    Forward plus backward costs three forward passes; a multiply-add is 2 FLOPs:
+      6 * N                              N = non-embedding weight matrices
+                                         (attention Q, K, V, O and MLP in/out: cfg.n_params)
+      + 12 * n_layers * n_ctx * d_model  attention scores Q·K and the weighted sum of V
+                                         (the full n_ctx x n_ctx square, as computed)
+      + 6 * d_model * d_vocab            unembedding
+    Embedding look-ups, LayerNorm, GELU, softmax and biases are left out (small).
+    """
+    return (6 * cfg.n_params + 12 * cfg.n_layers * cfg.n_ctx * cfg.d_model
+            + 6 * cfg.d_model * cfg.d_vocab)
+
+
+def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup: int = 3,
+                       threads: int | None = None, device: str = "cpu",
+                       batch_size: int | None = None) -> dict:
+    """Time ``steps`` training steps (after ``warmup``) of one preset size on random tokens;
+    speeds use the median step time."""
+    preset = load_preset(preset_name)
+    sizes = preset["models"]["sizes"]
+    if size_name not in sizes:
+        raise ValueError(f"preset {preset_name!r} has no size {size_name!r}; sizes: {sorted(sizes)}")
+    n_ctx, vocab = preset["models"]["n_ctx"], preset["tokenizer"]["vocab_size"]
+    training = preset["training"]
+    batch = batch_size or training["batch_size"]
+    dev = torch.device(device)
+    with _threads(threads):
+        cfg = models.model_config(sizes[size_name], n_ctx, vocab, seed=0)
+        model = models.build_model(cfg)
+        model.to(dev, print_details=False)
+        models.freeze_key_biases(model)
+        optimizer = models.make_optimizer(model, training["lr"], training["weight_decay"])
+        params = [p for p in model.parameters() if p.requires_grad]
+        net = models.TrainingLoss(model)
+        g = torch.Generator().manual_seed(0)
+        pool = torch.randint(5, vocab, (8, batch, n_ctx), generator=g)
+        pool[:, :, 0] = models.BOS_ID
+        pool = pool.to(dev)
+        bf16 = dev.type == "cuda" and training.get("bf16_on_gpu", True)
+        times = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            loss = models.train_step(net, optimizer, params, pool[i % 8], training["lr"],
+                                     training["grad_clip"], bf16)
+            _sync(dev)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        threads_used = torch.get_num_threads()
+    # the median step: robust to other work on a shared machine
+    seconds = sorted(times)[len(times) // 2] * steps
+    tokens = steps * batch * n_ctx
+    flops = train_flops_per_token(cfg) * tokens
+    return {"preset": preset_name, "size": size_name, "n_layers": cfg.n_layers,
+            "d_model": cfg.d_model, "params_nonemb": cfg.n_params, "d_vocab": vocab,
+            "n_ctx": n_ctx, "batch_size": batch, "steps": steps, "threads": threads_used,
+            "ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens / seconds,
+            "gflop_per_s": flops / seconds / 1e9, "final_loss": float(loss)}
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    head = [title for _, title, _ in columns]
+    body = [[format(r[key], fmt) for key, _, fmt in columns] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, warmup: int = 3,
+                        threads: int | None = None, device: str = "cpu") -> list[dict]:
+    """Benchmark every size of each preset (or only ``sizes``), print a table, return the rows."""
+    threads = threads or (available_cores() if device == "cpu" else None)
+    peak = measure_matmul_peak(threads, device=device)
+    rows = []
+    for name in presets:
+        for size in (sizes or load_preset(name)["models"]["sizes"]):
+            rows.append(benchmark_training(name, size, steps, warmup, threads, device))
+    # measured again after the runs, keeping the best: other work on a shared machine
+    # can only lower a measurement
+    peak = max(peak, measure_matmul_peak(threads, device=device))
+    for row in rows:
+        row["peak_gflop_per_s"] = peak
+        row["peak_fraction"] = row["gflop_per_s"] / peak
+    print(f"measured matmul peak: {peak:.1f} GFLOP/s (float32, {threads or 'default'} threads, "
+          f"device {device})")
+    print(_table(rows, [("preset", "preset", "s"), ("size", "size", "s"), ("n_layers", "layers", "d"),
+                        ("d_model", "d_model", "d"), ("params_nonemb", "params(non-emb)", ","),
+                        ("d_vocab", "vocab", "d"), ("n_ctx", "n_ctx", "d"),
+                        ("batch_size", "batch", "d"), ("ms_per_step", "ms/step", ".1f"),
+                        ("tokens_per_s", "tokens/s", ",.0f"), ("gflop_per_s", "GFLOP/s", ".2f"),
+                        ("peak_fraction", "of peak", ".1%")]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mlclt_utils.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["train", "peak", "clt"])
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "clt":
+        from .clt.bench import main as clt_main  # written alongside the CLT code
+
+        return clt_main(rest)
+    sub = argparse.ArgumentParser(prog=f"python -m mlclt_utils.bench {args.command}")
+    sub.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    sub.add_argument("--device", default="cpu")
+    if args.command == "train":
+        sub.add_argument("--presets", nargs="+", default=["tiny", "small"])
+        sub.add_argument("--sizes", nargs="+", default=None, help="size names (default: all)")
+        sub.add_argument("--steps", type=int, default=20)
+        sub.add_argument("--warmup", type=int, default=3)
+    opts = sub.parse_args(rest)
+    if args.command == "peak":
+        threads = opts.threads or available_cores()
+        print(f"matmul peak: {measure_matmul_peak(threads, device=opts.device):.1f} GFLOP/s "
+              f"(float32, {threads} threads)")
+    else:
+        run_train_benchmark(opts.presets, opts.sizes, opts.steps, opts.warmup, opts.threads,
+                            opts.device)
+
+
+if __name__ == "__main__":
+    main()

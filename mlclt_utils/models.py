@@ -1,0 +1,837 @@
+"""GPT-2 style language models: build, train (one process or torchrun), save, load, evaluate.
+
+A model stage lives at ``<root>/<run>/models/<name>/`` (names like ``s-en50``: size ``s``
+trained on the mixture with 50 % English) and holds
+
+- ``config.json``: everything needed to rebuild the ``HookedTransformer`` plus the size
+  name, mixture share and languages;
+- ``model.safetensors``: the final weights;
+- ``checkpoints/step_XXXXXXX.safetensors``: weights at log-spaced steps (the last one is
+  the final step);
+- ``metrics.jsonl``: one JSON row per evaluation (step, tokens, train_loss, lr and the
+  validation loss of every language);
+- ``resume.pt``: only while training is unfinished; optimizer state, step and RNG states,
+  so that a rerun continues where the last run stopped;
+- ``manifest.json``: written last by ``build_model_stage``.
+
+The order of the training data is a pure function of (seed, step): every epoch is a
+fresh permutation drawn from a ``torch.Generator`` seeded by (seed, epoch). A resumed run
+therefore sees exactly the batches an uninterrupted run would have seen, and ends with
+the same weights.
+
+Under ``torchrun --nproc_per_node N`` every rank takes its slice of each global batch, so
+the global batch (and the result, up to float rounding) is the same as in one process.
+Only the main rank writes files. From the command line:
+
+    python -m mlclt_utils.models train --run demo --model s-en50 --preset tiny
+    torchrun --standalone --nproc_per_node 2 -m mlclt_utils.models train --run-name demo --model s-en50
+
+(torchrun takes ``--run`` for its own ``--run-path``, hence ``--run-name`` there.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed
+from .artifacts import (ManifestMismatch, Stage, atomic_path, config_hash, load_tensors,
+                        read_json, save_tensors, write_json)
+
+BOS_ID = 3  # the project's tokenizer puts <bos> at id 3 and <eos> at id 4 (as the papers' models)
+EOS_ID = 4
+
+# GPT-2's GELU is the tanh approximation. TransformerLens calls it "gelu_new" (written out
+# as several elementwise operations) or "gelu_pytorch_tanh" (the same function, within
+# 5e-7, as one fused kernel: the MLP step is markedly faster on CPU). Exact "gelu" is allowed.
+ACT_FNS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
+DEFAULT_ACT_FN = "gelu_pytorch_tanh"
+
+SIZE_KEYS = ("n_layers", "d_model", "n_heads", "d_mlp")
+TRAINING_KEYS = ("tokens", "batch_size", "lr", "min_lr_ratio", "warmup_fraction", "weight_decay",
+                 "grad_clip", "n_checkpoints", "eval_every", "eval_tokens_per_language")
+
+# HookedTransformerConfig fields written to config.json; enough to rebuild the model.
+CONFIG_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx", "d_vocab",
+                 "act_fn", "normalization_type", "positional_embedding_type", "init_mode",
+                 "default_prepend_bos", "tokenizer_prepends_bos", "seed", "model_name",
+                 "original_architecture")
+
+
+# ----------------------------------------------------------------------------- building
+
+def model_config(size: Mapping[str, int], n_ctx: int, d_vocab: int, seed: int = 0,
+                 act_fn: str = DEFAULT_ACT_FN, name: str = "custom"):
+    """HookedTransformerConfig of a GPT-2 style model (LayerNorm, learned positions, GELU).
+
+    ``size`` holds ``n_layers``, ``d_model``, ``n_heads`` and ``d_mlp``. Weights are drawn
+    as in GPT-2 (normal, std 0.8/sqrt(d_model)) from ``seed``. The run's tokenizer does not
+    add BOS itself, so TransformerLens prepends it (``default_prepend_bos``); attaching a
+    tokenizer re-detects ``tokenizer_prepends_bos``.
+    """
+    from transformer_lens import HookedTransformerConfig
+
+    missing = [k for k in SIZE_KEYS if k not in size]
+    if missing:
+        raise ValueError(f"model size {dict(size)} lacks {missing}; a size needs {list(SIZE_KEYS)}")
+    for key in SIZE_KEYS:
+        if isinstance(size[key], bool) or not isinstance(size[key], int) or size[key] <= 0:
+            raise ValueError(f"model size key {key!r} must be a positive integer, got {size[key]!r}")
+    if size["d_model"] % size["n_heads"]:
+        raise ValueError(f"d_model {size['d_model']} is not divisible by n_heads {size['n_heads']}")
+    if n_ctx < 2:
+        raise ValueError(f"n_ctx must be at least 2 (a token and its successor), got {n_ctx}")
+    if d_vocab <= max(BOS_ID, EOS_ID):
+        raise ValueError(f"d_vocab {d_vocab} is too small")
+    if act_fn not in ACT_FNS:
+        raise ValueError(f"act_fn {act_fn!r} is not allowed; allowed: {ACT_FNS}")
+    return HookedTransformerConfig(
+        n_layers=size["n_layers"], d_model=size["d_model"], n_heads=size["n_heads"],
+        d_head=size["d_model"] // size["n_heads"], d_mlp=size["d_mlp"], n_ctx=n_ctx,
+        d_vocab=d_vocab, act_fn=act_fn, normalization_type="LN",
+        positional_embedding_type="standard", init_mode="gpt2", default_prepend_bos=True,
+        tokenizer_prepends_bos=False, seed=seed, device="cpu", model_name=name,
+        original_architecture="GPT2LMHeadModel",
+    )
+
+
+def config_to_dict(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in CONFIG_FIELDS}
+
+
+def config_from_dict(d: Mapping[str, Any], init_weights: bool = True):
+    """Rebuild a config from ``config_to_dict``. With ``init_weights=False`` the model built
+    from it skips random initialisation (and leaves the global RNG alone): for loading."""
+    from transformer_lens import HookedTransformerConfig
+
+    fields = {k: d[k] for k in CONFIG_FIELDS if k in d}
+    seed = fields.pop("seed", None)
+    cfg = HookedTransformerConfig(**fields, seed=seed if init_weights else None, device="cpu",
+                                  init_weights=init_weights)
+    cfg.seed = seed
+    return cfg
+
+
+def attach_tokenizer(model, tokenizer) -> None:
+    """Give ``model`` a tokenizer (a ``transformers`` tokenizer or a ``tokenizers.Tokenizer``)."""
+    if tokenizer is None:
+        return
+    try:
+        from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+        model.set_tokenizer(tokenizer)
+    except Exception:
+        # TransformerLens may try to re-create the tokenizer from a hub name; keep ours as is.
+        model.tokenizer = tokenizer
+        model.cfg.tokenizer_prepends_bos = len(_encode(tokenizer, "", special=True)) > 0
+
+
+def build_model(cfg, tokenizer=None):
+    """A freshly initialised ``HookedTransformer`` (on the config's device, CPU by default)."""
+    from transformer_lens import HookedTransformer
+
+    model = HookedTransformer(cfg)
+    attach_tokenizer(model, tokenizer)
+    return model
+
+
+def parse_model_name(name: str) -> tuple[str, float]:
+    """``"s-en50"`` -> ``("s", 0.5)``."""
+    size, sep, mix = name.rpartition("-")
+    if not sep or not size or not mix.startswith("en") or not mix[2:].isdigit():
+        raise ValueError(f"model name {name!r} is not of the form '<size>-en<percent>', e.g. 's-en50'")
+    pct = int(mix[2:])
+    if pct > 100:
+        raise ValueError(f"model name {name!r}: English share {pct} % is above 100")
+    return size, pct / 100
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def log_spaced_steps(total_steps: int, n: int) -> list[int]:
+    """``n`` distinct steps in [1, total_steps], spaced evenly in log, always ending at
+    ``total_steps`` (all steps when ``n >= total_steps``)."""
+    if total_steps < 1 or n < 1:
+        raise ValueError(f"need total_steps >= 1 and n >= 1, got {total_steps} and {n}")
+    if n >= total_steps:
+        return list(range(1, total_steps + 1))
+    if n == 1:
+        return [total_steps]
+    steps, prev = [], 0
+    for i in range(n):
+        want = round(total_steps ** (i / (n - 1)))
+        room = total_steps - (n - 1 - i)  # leave a distinct step for each remaining slot
+        prev = min(max(want, prev + 1), room)
+        steps.append(prev)
+    return steps
+
+
+def learning_rate(step: int, total_steps: int, lr: float, warmup_fraction: float,
+                  min_lr_ratio: float) -> float:
+    """Learning rate of update number ``step`` (1-based): linear warm-up over the first
+    ``warmup_fraction`` of the steps, then cosine decay to ``min_lr_ratio * lr`` at the end."""
+    warmup = int(round(warmup_fraction * total_steps))
+    if warmup > 0 and step <= warmup:
+        return lr * step / warmup
+    if total_steps <= warmup:
+        return lr
+    progress = min(1.0, (step - warmup) / (total_steps - warmup))
+    low = min_lr_ratio * lr
+    return low + (lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class BatchOrder:
+    """Which rows form the global batch of each step; depends only on (seed, step)."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int):
+        if n_rows < batch_size:
+            raise ValueError(f"the training data has {n_rows} sequences, fewer than one batch "
+                             f"of {batch_size}")
+        self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
+        self.per_epoch = n_rows // batch_size
+        self._epoch, self._perm = -1, None
+
+    def rows(self, step: int) -> torch.Tensor:
+        """Row indices of the batch used by update ``step`` (0-based)."""
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n_rows, generator=g), epoch
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+# ----------------------------------------------------------------------------- training parts
+
+def freeze_key_biases(model) -> None:
+    """Keep the attention key biases fixed (at zero).
+
+    Adding the same vector to every key adds a constant to all scores of a query, which the
+    softmax ignores, so the key bias has zero gradient up to rounding. Adam would turn that
+    rounding noise into steps of size lr, and make runs that differ only in summation order
+    (one process vs several) drift apart.
+    """
+    for block in model.blocks:
+        block.attn.b_K.requires_grad_(False)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices (names ``W_*``) only, not on biases,
+    LayerNorm parameters or TransformerLens' 2-D attention biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if name.rsplit(".", 1)[-1].startswith("W_") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    device = next(model.parameters()).device
+    try:  # the fused kernel exists on CPU and CUDA in recent torch; fall back otherwise
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type in ("cpu", "cuda"))
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def next_token_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets at positions 1..n_ctx-1 (the BOS at
+    position 0 is only an input, never a target)."""
+    logits = model(tokens, return_type="logits")
+    # Score every position against the next token and mark the last position as ignored:
+    # this avoids copying a sliced [batch, n_ctx-1, vocab] tensor (costly on CPU).
+    targets = F.pad(tokens[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+class _UnembedCrossEntropy(torch.autograd.Function):
+    """Unembedding + mean cross-entropy, a chunk of rows at a time.
+
+    The gradients are computed in the forward pass, chunk by chunk, so the full
+    [rows, vocab] logits never exist in memory: on CPU the chunks stay in cache, which
+    saves about a fifth of a training step. Targets equal to -100 are ignored.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_U, b_U, targets, chunk: int):
+        valid = targets != -100
+        n_valid = valid.sum().clamp_min(1)
+        total = x.new_zeros(())
+        grad_x, grad_W, grad_b = torch.empty_like(x), torch.zeros_like(W_U), torch.zeros_like(b_U)
+        for i in range(0, x.shape[0], chunk):
+            xs, t, ok = x[i:i + chunk], targets[i:i + chunk].clamp_min(0), valid[i:i + chunk]
+            logits = torch.addmm(b_U, xs, W_U)
+            picked = logits.gather(1, t[:, None])[:, 0]
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: unnormalised softmax
+            norm = probs.sum(dim=-1, keepdim=True)
+            total += ((top + norm.log())[:, 0] - picked).mul(ok).sum()
+            # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_valid on valid rows
+            weight = ok / n_valid
+            probs.mul_(weight[:, None] / norm)
+            probs[torch.arange(len(t), device=t.device), t] -= weight
+            torch.mm(probs, W_U.t(), out=grad_x[i:i + chunk])
+            grad_W.addmm_(xs.t(), probs)
+            grad_b += probs.sum(0)
+        ctx.save_for_backward(grad_x, grad_W, grad_b)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_W, grad_b = ctx.saved_tensors
+        return grad_x * grad, grad_W * grad, grad_b * grad, None, None
+
+
+class TrainingLoss(torch.nn.Module):
+    """``forward(tokens)`` = the mean next-token loss of ``model`` (what ``train_step``
+    minimises; DDP wraps this module). Without autocast the unembedding and the loss are
+    fused and chunked (same value and gradients as ``next_token_loss`` up to rounding)."""
+
+    def __init__(self, model, chunk: int = 256):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if torch.is_autocast_enabled(tokens.device.type):
+            return next_token_loss(m, tokens)
+        resid = m(tokens, stop_at_layer=m.cfg.n_layers)  # after the last block
+        x = m.ln_final(resid).flatten(0, 1)
+        targets = F.pad(tokens[:, 1:], (0, 1), value=-100).flatten()
+        return _UnembedCrossEntropy.apply(x, m.unembed.W_U, m.unembed.b_U, targets, self.chunk)
+
+
+def train_step(net, optimizer, params, tokens: torch.Tensor, lr: float, grad_clip: float,
+               bf16: bool = False) -> torch.Tensor:
+    """One update of ``net`` (a ``TrainingLoss``, maybe inside DDP); returns the detached
+    loss without synchronising the device."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        loss = net(tokens)
+    loss.backward()
+    if grad_clip and grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def eval_loss_per_language(model, eval_sets: Mapping[str, torch.Tensor], batch_size: int = 32
+                           ) -> dict[str, float]:
+    """Mean next-token cross-entropy per language.
+
+    Every row of ``eval_sets[lang]`` ([M, n_ctx], starting with BOS) contributes its
+    targets at positions 1..n_ctx-1; the BOS position is only an input. The mean is over
+    all those target tokens of the language.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for lang, rows in eval_sets.items():
+        if rows.ndim != 2 or rows.shape[0] == 0:
+            raise ValueError(f"evaluation set {lang!r} must be a non-empty [rows, n_ctx] tensor, "
+                             f"got shape {tuple(rows.shape)}")
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for i in range(0, rows.shape[0], batch_size):
+            batch = rows[i:i + batch_size].to(device)
+            logits = model(batch, return_type="logits")
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                     reduction="sum").double()
+        out[lang] = float(total) / (rows.shape[0] * (rows.shape[1] - 1))
+    model.train(was_training)
+    return out
+
+
+def _check_training(training: Mapping[str, Any]) -> None:
+    missing = [k for k in TRAINING_KEYS if k not in training]
+    if missing:
+        raise ValueError(f"training settings lack {missing}; needed: {list(TRAINING_KEYS)}")
+    for key in ("tokens", "batch_size", "n_checkpoints", "eval_every"):
+        if isinstance(training[key], bool) or not isinstance(training[key], int) or training[key] < 1:
+            raise ValueError(f"training.{key} must be a positive integer, got {training[key]!r}")
+
+
+def _check_data(train_tensors: Mapping[str, torch.Tensor], eval_sets: Mapping[str, torch.Tensor],
+                n_ctx: int, d_vocab: int, languages: list[str] | None) -> None:
+    if "tokens" not in train_tensors:
+        raise ValueError(f"training data needs a 'tokens' tensor; got keys {sorted(train_tensors)}")
+    tokens = train_tensors["tokens"]
+    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"training tokens must be an integer tensor [N, n_ctx], got "
+                         f"{tokens.dtype} of shape {tuple(tokens.shape)}")
+    if tokens.shape[1] != n_ctx:
+        raise ValueError(f"training tokens have context {tokens.shape[1]} but the model's n_ctx is "
+                         f"{n_ctx}; rebuild the data or the model with the same n_ctx")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= d_vocab):
+        raise ValueError(f"training tokens lie in [{int(tokens.min())}, {int(tokens.max())}], outside "
+                         f"the model's vocabulary [0, {d_vocab})")
+    lang = train_tensors.get("language")
+    if lang is not None:
+        if lang.shape != (tokens.shape[0],):
+            raise ValueError(f"'language' has shape {tuple(lang.shape)}, expected ({tokens.shape[0]},)")
+        if languages is not None and lang.numel() and int(lang.max()) >= len(languages):
+            raise ValueError(f"'language' index {int(lang.max())} is outside the languages {languages}")
+    for name, rows in eval_sets.items():
+        if languages is not None and name not in languages:
+            raise ValueError(f"evaluation language {name!r} is not one of {languages}")
+        if rows.ndim != 2 or rows.shape[1] != n_ctx:
+            raise ValueError(f"evaluation set {name!r} has shape {tuple(rows.shape)}; expected "
+                             f"[rows, {n_ctx}]")
+        if rows.numel() and int(rows.max()) >= d_vocab:
+            raise ValueError(f"evaluation set {name!r} has token ids >= d_vocab {d_vocab}")
+
+
+def _data_fingerprint(tokens: torch.Tensor) -> list:
+    """Cheap identity of a token tensor: shape, sum and a hash of the first rows."""
+    head = tokens[:256].contiguous().cpu().numpy().tobytes()
+    return [list(tokens.shape), int(tokens.sum()), hashlib.sha256(head).hexdigest()[:16]]
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(gauss)],
+             "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by an interruption
+                break
+    return rows
+
+
+def _rewrite_rows(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoints/step_{step:07d}.safetensors"
+
+
+def default_device(info: distributed.DistInfo | None = None) -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{info.local_rank}" if info is not None else "cuda"
+    return "cpu"
+
+
+def train_model(stage: Stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
+                eval_sets: Mapping[str, torch.Tensor], training: Mapping[str, Any], seed: int = 0,
+                device: str | None = None, languages: list[str] | None = None,
+                progress: bool = True, info: Mapping[str, Any] | None = None,
+                stop_after_step: int | None = None) -> dict:
+    """Train a model from ``model_cfg`` on ``train_tensors`` and write it into ``stage``'s folder.
+
+    ``train_tensors``: ``{"tokens": [N, n_ctx], "language": [N]}``; ``eval_sets``:
+    ``{lang: [M, n_ctx]}`` (validation). ``training``: the preset's training section.
+    ``languages``: the ISO codes that ``train_tensors["language"]`` indexes.
+    ``info``: extra JSON fields for ``config.json`` (size name, mixture share...).
+
+    Resumes from ``resume.pt`` when it was written by a run with the same settings and
+    data (also with another number of processes: the global batch is the same).
+    ``stop_after_step`` makes the call return right after that update, as if the process
+    had been killed (for tests of resuming). Does not write the manifest (see
+    ``build_model_stage``). Returns a summary dict; ``completed`` is False after a stop.
+    """
+    _check_training(training)
+    dist = distributed.init_distributed(device)
+    device = torch.device(device or default_device(dist if dist.enabled else None))
+    if dist.enabled and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank)
+    n_ctx, d_vocab = model_cfg.n_ctx, model_cfg.d_vocab
+    languages = list(languages) if languages is not None else None
+    _check_data(train_tensors, eval_sets, n_ctx, d_vocab, languages)
+    batch_size = training["batch_size"]
+    total = training["tokens"] // (batch_size * n_ctx)
+    if total < 1:
+        raise ValueError(f"training.tokens {training['tokens']} is less than one batch "
+                         f"({batch_size} x {n_ctx} tokens)")
+    rank_rows = distributed.rank_slice(batch_size, dist)
+    tokens_all = train_tensors["tokens"].long()
+    order = BatchOrder(tokens_all.shape[0], batch_size, seed)
+    ckpt_steps = set(log_spaced_steps(total, training["n_checkpoints"]))
+    resume_every = max(1, math.ceil(total / 10))
+    eval_rows = max(1, math.ceil(training["eval_tokens_per_language"] / n_ctx))
+    val_sets = {lang: rows[:eval_rows] for lang, rows in eval_sets.items()}
+    eval_batch = max(1, 16384 // n_ctx)  # keeps the logits of one evaluation batch small
+    bf16 = device.type == "cuda" and bool(training.get("bf16_on_gpu", True))
+    lr_at = lambda step: learning_rate(step, total, training["lr"],  # noqa: E731
+                                       training["warmup_fraction"], training["min_lr_ratio"])
+    path = stage.path
+    metrics_path, resume_path = path / "metrics.jsonl", path / "resume.pt"
+    key = config_hash({"model": config_to_dict(model_cfg), "training": dict(training), "seed": seed,
+                       "data": _data_fingerprint(tokens_all)})
+
+    _seed_everything(seed)
+    model = build_model(model_cfg)
+    model.to(device, print_details=False)
+    freeze_key_biases(model)
+    optimizer = make_optimizer(model, training["lr"], training["weight_decay"])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # Resume when a state of the same settings exists (every rank reads the same file).
+    start = 0
+    loss_sum, loss_count = 0.0, 0  # train loss since the last metrics row (mean over ranks)
+    state = None
+    if resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if state.get("key") != key:
+            state = None
+    if distributed.all_agree(state is None) and distributed.all_agree(state is not None):
+        raise RuntimeError("ranks disagree on whether to resume; do all ranks see the same stage folder?")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, loss_sum, loss_count = state["step"], state["loss_sum"], state["loss_count"]
+        _set_rng_state(state["rng"])
+    if dist.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        # keep the metrics rows up to the resumed step; later ones will be written again
+        _rewrite_rows(metrics_path, [r for r in _read_rows(metrics_path)
+                                     if state is not None and r["step"] <= start])
+        write_json(path / "config.json", {"hooked_transformer": config_to_dict(model_cfg),
+                                          "languages": languages, "seed": seed, "total_steps": total,
+                                          "checkpoint_steps": sorted(ckpt_steps), **dict(info or {})})
+
+    net = TrainingLoss(model)
+    if dist.enabled:
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the attention-mask buffers never change, so they need no syncing before each forward
+        sync = ({"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False})
+        net = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, **sync)
+
+    def record(step: int, train_loss: float | None) -> None:
+        if dist.is_main:
+            row = {"step": step, "tokens": step * batch_size * n_ctx, "train_loss": train_loss,
+                   "lr": lr_at(step) if step else 0.0,
+                   "val_loss": eval_loss_per_language(model, val_sets, eval_batch)}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_resume(step: int) -> None:
+        if dist.is_main:
+            blob = {"key": key, "step": step, "loss_sum": loss_sum, "loss_count": loss_count,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "rng": _rng_state()}
+            with atomic_path(resume_path) as tmp:
+                torch.save(blob, tmp)
+
+    if start == 0:
+        record(0, None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=start, disable=not (progress and dist.is_main),
+               desc=f"train {stage.name}", unit="step")
+    running = torch.zeros(1, device=device)  # summed on the device: no sync per step
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(start + 1, total + 1):
+        batch = tokens_all[order.rows(step - 1)[rank_rows]].to(device, non_blocking=True)
+        running += train_step(net, optimizer, params, batch, lr_at(step), training["grad_clip"], bf16)
+        loss_count += 1
+        bar.update(1)
+        is_row = step % training["eval_every"] == 0 or step in ckpt_steps or step == total
+        is_resume = step < total and (step % resume_every == 0 or step in ckpt_steps)
+        if is_row or is_resume:  # the same steps on every rank
+            loss_sum += distributed.mean_across_ranks(running).item()
+            running.zero_()
+        if is_row:
+            train_loss = loss_sum / loss_count
+            loss_sum, loss_count = 0.0, 0
+            record(step, train_loss)
+            bar.set_postfix(loss=f"{train_loss:.3f}")
+        if step in ckpt_steps and dist.is_main:
+            save_tensors(path / checkpoint_name(step), model.state_dict(), {"step": str(step)})
+        if is_resume:
+            save_resume(step)
+        if stop_after_step is not None and stop_after_step <= step < total:
+            bar.close()
+            distributed.barrier()
+            return {"completed": False, "step": step, "total_steps": total, "resumed_from": start}
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if dist.is_main:
+        save_tensors(path / "model.safetensors", model.state_dict())
+        resume_path.unlink(missing_ok=True)
+    distributed.barrier()
+    rows = _read_rows(metrics_path)
+    return {"completed": True, "step": total, "total_steps": total, "resumed_from": start,
+            "tokens": total * batch_size * n_ctx, "train_seconds": seconds,
+            "tokens_per_second": (total - start) * batch_size * n_ctx / max(seconds, 1e-9),
+            "final_val_loss": rows[-1]["val_loss"] if rows else None}
+
+
+# ----------------------------------------------------------------------------- stage
+
+def _unpack_data(loaded, languages: list[str]):
+    """Accept the data loader's answer as a tuple ``(train, {"validation", "test"}, report)``
+    or as a dict with keys ``train``, ``validation``, ``test`` (and ``languages``)."""
+    if isinstance(loaded, Mapping):
+        if loaded.get("languages") is not None and list(loaded["languages"]) != list(languages):
+            raise ValueError(f"the data stage has languages {loaded['languages']} but the preset "
+                             f"says {languages}; rebuild the data stage")
+        return loaded["train"], {"validation": loaded["validation"], "test": loaded.get("test", {})}
+    train, evals, _report = loaded
+    return train, evals
+
+
+def _input_stages(run: str, share: float, root) -> list[Stage]:
+    """The upstream stages a model is built from: its mixture's data and the tokenizer."""
+    from .presets import mixture_name
+
+    stages = [Stage(run, n, root) for n in (f"data/{mixture_name(share)}", "tokenizer")]
+    return [s for s in stages if s.is_complete()]
+
+
+def _load_tokenizer(run: str, root):
+    try:
+        from .tokenizer import load_tokenizer_stage
+    except ImportError:
+        return None
+    try:
+        return load_tokenizer_stage(run, root)
+    except (ManifestMismatch, FileNotFoundError, OSError):
+        return None
+
+
+def stage_config(preset: Mapping[str, Any], model_name: str) -> dict:
+    """The config a model stage is built from (and checked against)."""
+    size_name, share = parse_model_name(model_name)
+    sizes = preset["models"]["sizes"]
+    if size_name not in sizes:
+        raise ValueError(f"model {model_name!r}: unknown size {size_name!r}; allowed sizes: "
+                         f"{', '.join(sorted(sizes))}")
+    shares = preset["mixtures"]["english_shares"]
+    if not any(abs(share - p) < 1e-9 for p in shares):
+        from .presets import mixture_name
+
+        raise ValueError(f"model {model_name!r}: no mixture with English share {share}; the preset's "
+                         f"mixtures are {[mixture_name(p) for p in shares]}")
+    return {"model_name": model_name, "size_name": size_name, "size": dict(sizes[size_name]),
+            "n_ctx": preset["models"]["n_ctx"], "d_vocab": preset["tokenizer"]["vocab_size"],
+            "act_fn": DEFAULT_ACT_FN, "training": dict(preset["training"]), "seed": preset["seed"],
+            "english_share": share, "languages": list(preset["corpus"]["languages"])}
+
+
+def build_model_stage(preset, run: str, model_name: str, root=None, device: str | None = None,
+                      load_data: Callable | None = None, progress: bool = True) -> Stage:
+    """Train model ``model_name`` (e.g. ``"s-en50"``) of ``run`` unless it is already built
+    from the same config; resume an interrupted training of the same config.
+
+    ``preset``: a preset dict (or a preset name). ``load_data(run, share, root)`` defaults
+    to ``corpus.load_data_stage``. The manifest records the data stage
+    ``data/<mixture>`` and the ``tokenizer`` stage as inputs (when they exist).
+    """
+    if isinstance(preset, str):
+        from .presets import load_preset
+
+        preset = load_preset(preset)
+    config = stage_config(preset, model_name)
+    stage = Stage(run, f"models/{model_name}", root)
+    dist = distributed.init_distributed(device)
+    if not distributed.all_agree(not stage.matches(config)):
+        return stage
+    if load_data is None:
+        from .corpus import load_data_stage as load_data
+    train_tensors, evals = _unpack_data(load_data(run, config["english_share"], root),
+                                        config["languages"])
+    inputs = _input_stages(run, config["english_share"], root)
+    tokenizer = _load_tokenizer(run, root)
+    if tokenizer is not None and len(tokenizer) > config["d_vocab"]:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than tokenizer.vocab_size "
+                         f"{config['d_vocab']} of the preset")
+
+    marker = stage.file("in_progress.json")
+    if dist.is_main:
+        same = marker.exists() and read_json(marker).get("config_hash") == config_hash(config)
+        stage.start(clean=not same)  # keep resume state and checkpoints of the same config
+        write_json(marker, {"config_hash": config_hash(config), "config": config})
+    distributed.barrier()
+
+    cfg = model_config(config["size"], config["n_ctx"], config["d_vocab"], seed=config["seed"],
+                       act_fn=config["act_fn"], name=model_name)
+    t0 = time.time()
+    summary = train_model(stage, cfg, train_tensors, evals["validation"], config["training"],
+                          seed=config["seed"], device=device, languages=config["languages"],
+                          progress=progress,
+                          info={"model_name": model_name, "size_name": config["size_name"],
+                                "size": config["size"], "english_share": config["english_share"]})
+    if dist.is_main:
+        marker.unlink(missing_ok=True)
+        stage.finish(config, inputs=inputs, timings={"train_seconds": time.time() - t0},
+                     summary={k: v for k, v in summary.items() if k != "completed"})
+    distributed.barrier()
+    return stage
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _model_stage(run: str, model_name: str, root=None) -> Stage:
+    stage = Stage(run, f"models/{model_name}", root)
+    stage.require()
+    return stage
+
+
+def list_checkpoints(run: str, model_name: str, root=None) -> list[int]:
+    """Steps with saved weights, ascending (the last is the final step)."""
+    stage = _model_stage(run, model_name, root)
+    folder = stage.file("checkpoints")
+    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.safetensors"))
+
+
+def load_model(run: str, model_name: str, step: int | None = None, root=None, device: str = "cpu"):
+    """The trained model (``step=None``) or its checkpoint at ``step``, in eval mode, with the
+    run's tokenizer attached when the tokenizer stage exists."""
+    stage = _model_stage(run, model_name, root)
+    cfg = config_from_dict(read_json(stage.file("config.json"))["hooked_transformer"], init_weights=False)
+    if step is None:
+        weights = stage.file("model.safetensors")
+    else:
+        weights = stage.file(checkpoint_name(step))
+        if not weights.exists():
+            raise ValueError(f"model {model_name!r} has no checkpoint at step {step}; available: "
+                             f"{list_checkpoints(run, model_name, root)}")
+    model = build_model(cfg, _load_tokenizer(run, stage.root))
+    model.load_state_dict(load_tensors(weights))
+    model.to(device, print_details=False)
+    model.eval()
+    return model
+
+
+def read_metrics(run: str, model_name: str, root=None):
+    """Training metrics as a DataFrame: step, tokens, train_loss, lr, val_loss_<lang>..."""
+    import pandas as pd
+
+    path = Stage(run, f"models/{model_name}", root).file("metrics.jsonl")
+    if not path.exists():
+        raise ManifestMismatch(f"model {model_name!r} of run {run!r} has no metrics yet ({path}); "
+                               "train it first")
+    rows = []
+    for r in _read_rows(path):
+        flat = {k: v for k, v in r.items() if k != "val_loss"}
+        flat.update({f"val_loss_{lang}": v for lang, v in r.get("val_loss", {}).items()})
+        rows.append(flat)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- generation
+
+def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
+    enc = tokenizer.encode(text, add_special_tokens=special)
+    return list(enc.ids) if hasattr(enc, "ids") else list(enc)
+
+
+def _special_id(tokenizer, attr: str, default: int) -> int:
+    value = getattr(tokenizer, attr, None)
+    return int(value) if isinstance(value, int) else default
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts: Mapping[str, str], max_new_tokens: int
+                         ) -> dict[str, str]:
+    """Greedy (argmax, no sampling) continuation of each prompt; stops at EOS.
+
+    Each prompt is encoded without special tokens and preceded by BOS, as in training.
+    Returns only the generated text (special tokens removed).
+    """
+    bos = _special_id(tokenizer, "bos_token_id", BOS_ID)
+    eos = _special_id(tokenizer, "eos_token_id", EOS_ID)
+    device = next(model.parameters()).device
+    n_ctx = model.cfg.n_ctx
+    out = {}
+    for lang, prompt in prompts.items():
+        ids = [bos] + _encode(tokenizer, prompt)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            window = torch.tensor([(ids + new)[-n_ctx:]], device=device)
+            nxt = int(model(window, return_type="logits")[0, -1].argmax())
+            if nxt == eos:
+                break
+            new.append(nxt)
+        out[lang] = tokenizer.decode(new, skip_special_tokens=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"override {text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mlclt_utils.models",
+                                     description="Train one model of a run (works under torchrun).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="build the stage models/<NAME> of a run")
+    # torchrun reads "--run" as an abbreviation of its own "--run-path": under torchrun write
+    # "--run-name" (or put "--" before the script).
+    train.add_argument("--run", "--run-name", dest="run", required=True, help="run name")
+    train.add_argument("--model", required=True, help="model name, e.g. s-en50")
+    train.add_argument("--preset", default="tiny")
+    train.add_argument("--root", default=None, help="artifact root (default $MLCLT_ARTIFACTS or ./artifacts)")
+    train.add_argument("--device", default=None)
+    train.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
+                       metavar="KEY=VALUE", help="preset override, e.g. training.tokens=100000")
+    args = parser.parse_args(argv)
+    from .presets import load_preset
+
+    preset = load_preset(args.preset, dict(args.overrides))
+    try:
+        stage = build_model_stage(preset, args.run, args.model, root=args.root, device=args.device)
+        if distributed.current().is_main:
+            print(f"model ready: {stage.path}")
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()
