@@ -1,0 +1,632 @@
+"""The cross-layer transcoder (CLT) and its per-layer and TopK variants.
+
+For layers l = 0..L-1 the CLT reads the MLP input x_l (``blocks.l.ln2.hook_normalized``)
+and predicts the MLP output y_l (``blocks.l.hook_mlp_out``):
+
+    x~_l = x_l * input_scale[l]                     (per-layer normalisation)
+    a_l  = act(W_enc[l] x~_l + b_enc[l])            (F features per layer)
+    y^_k = sum_{l <= k} W_dec[l -> k] a_l + b_dec[k]  (normalised space)
+    y_k  ~ y^_k / output_scale[k]                   (raw space)
+
+``act`` is JumpReLU (z * 1[z > theta], theta = exp(log_threshold) learned per feature),
+TopK (the k largest pre-activations of each token and layer, after a ReLU) or BatchTopK
+(the k * n_tokens largest of a layer over the whole batch, so k per token on average;
+during training a per-layer threshold is tracked as a running mean of the smallest kept
+activation, buffer ``batchtopk_threshold``, and in eval mode it replaces the batch
+selection, so that inference does not depend on the other tokens of the batch). With ``cross_layer=False`` every
+layer decodes only to itself: a per-layer transcoder (PLT).
+
+The loss (in normalised space, averaged over tokens) is
+
+    sum_k mean ||y~_k - y^_k||^2
+    + lambda * sum_{l,f} tanh(c * a_{l,f} * ||W_dec,l,f||)
+    + mu * sum_{l,f} ReLU(theta_{l,f} - h_{l,f}) * ||W_dec,l,f||
+
+where h is the pre-activation and ||W_dec,l,f|| the norm of feature f's decoder rows
+concatenated over all its target layers. The TopK modes fix L0 through k, so they train
+on the reconstruction term only.
+
+Why this is written here rather than taken from a library: no installed library trains
+cross-layer transcoders with this loss (circuit-tracer only runs trained ones, sae-lens
+trains single-layer SAEs), and none has a sparse CPU training kernel. Once features are
+sparse, almost all of a dense step multiplies zeros, so ``loss`` has a fast JumpReLU path:
+a sparse mode (``_SparseJumpEncode``, ``_SparseDecode``) that works on the active
+(token, feature) pairs only, and a dense mode (``_DenseJumpEncode``) for the start of
+training when many features fire. ``tests/test_clt_model.py`` checks both against plain
+autograd (``loss(..., sparse=False)``): same values and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+ACTIVATIONS = ("jumprelu", "topk", "batchtopk")
+
+
+@dataclass
+class CLTConfig:
+    n_layers: int
+    d_model: int
+    d_features: int                 # F features per layer
+    activation: str = "jumprelu"    # "jumprelu" | "topk" | "batchtopk"
+    cross_layer: bool = True        # False: per-layer transcoder
+    k: int = 32                     # active features per token and layer (topk, batchtopk)
+    threshold_init: float = 0.03    # JumpReLU theta at initialisation
+    bandwidth: float = 1.0          # width of the straight-through rectangle kernel
+    input_hook: str = "ln2.hook_normalized"
+    output_hook: str = "hook_mlp_out"
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        for name in ("n_layers", "d_model", "d_features", "k"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"CLTConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.threshold_init <= 0 or self.bandwidth <= 0:
+            raise ValueError("threshold_init and bandwidth must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown CLTConfig keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------- JumpReLU (dense) -----
+
+class _JumpReLU(torch.autograd.Function):
+    """a = z * 1[z > theta] with a straight-through gradient for theta.
+
+    d a / d z = 1 at active positions (z > theta), 0 elsewhere.
+    d a / d theta = -(theta / eps) * 1[|z - theta| < eps / 2] at active positions: the
+    rectangle-kernel pseudo-derivative of the step, counted only where the feature fires.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        active = z > theta
+        ctx.save_for_backward(z, theta, active)
+        ctx.bandwidth = bandwidth
+        return z * active
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, theta, active = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad * active if ctx.needs_input_grad[0] else None
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            window = active & ((z - theta) < eps / 2)        # z > theta already
+            g = -(theta / eps) * grad * window
+            grad_theta = g.reshape(-1, *theta.shape).sum(0)
+        return grad_z, grad_theta, None
+
+
+def jumprelu(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    return _JumpReLU.apply(z, theta, bandwidth)
+
+
+# ------------------------------------------------------------------- sparse kernels -----
+#
+# The fast JumpReLU path computes the pre-activations as [L, N, F] (layer-major) into a
+# reused buffer. When few pairs (layer, token, feature) are active, the active pairs found
+# by ``nonzero`` come out sorted by (layer, token, feature): per layer they already form a
+# CSR matrix [N, F], and one stable sort by (layer, feature) gives the transposed matrices
+# needed by the backward pass. The products go through torch's CSR kernels (MKL on x86
+# CPUs, 32-bit indices so that nothing is converted on each call): CSR @ dense, and the
+# sampled dense-dense product for the gradient of the active values. When many pairs are
+# active (early in training) index lists cost more than they save, so above
+# ``DENSE_ABOVE`` active pairs per (token, feature) the same maths runs on dense tensors
+# (``_DenseJumpEncode``), and within the sparse mode each decoder layer still switches to
+# a dense product above ``DECODER_DENSE_ABOVE``.
+
+# measured crossovers at the reference shape of clt/bench.py on a 2-core AVX-512 CPU: the
+# sparse kernels win up to ~10 % active pairs; a single layer far denser than the others
+# is better decoded densely
+DENSE_ABOVE = 0.10
+DECODER_DENSE_ABOVE = 0.15
+
+_quiet = [False]
+
+
+def _crow(counts: Tensor) -> Tensor:
+    """CSR row pointers from the number of entries of each row."""
+    crow = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    return crow
+
+
+def _csr(crow: Tensor, col: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
+    idx = torch.int32 if vals.numel() < 2**31 and shape[1] < 2**31 else torch.int64
+    if _quiet[0]:
+        return torch.sparse_csr_tensor(crow.to(idx), col.to(idx), vals, shape, check_invariants=False)
+    with warnings.catch_warnings():     # torch warns once that CSR support is "beta"
+        warnings.simplefilter("ignore")
+        _quiet[0] = True
+        return torch.sparse_csr_tensor(crow.to(idx), col.to(idx), vals, shape, check_invariants=False)
+
+
+class _ActivePairs:
+    """Index bookkeeping of the active (layer, token, feature) pairs of one batch.
+
+    ``row`` = l * N + n and ``col`` = f, sorted by (row, col); ``lf`` = l * F + f;
+    ``crow`` the CSR row pointers over the L * N rows. ``perm`` sorts the pairs by
+    (lf, row) and ``crow_t`` holds the row pointers of that transposed order.
+    """
+
+    def __init__(self, flat: Tensor, L: int, N: int, F: int):
+        self.L, self.N, self.F = L, N, F
+        self.row = flat // F
+        self.col = flat - self.row * F
+        self.lf = torch.div(self.row, N, rounding_mode="floor") * F + self.col
+        self.count = torch.bincount(self.lf, minlength=L * F)
+        self.crow = _crow(torch.bincount(self.row, minlength=L * N))
+        self.bounds = self.crow[:: N].tolist()                 # pair range of each layer
+        self._perm = None
+
+    @property
+    def perm(self) -> Tensor:
+        if self._perm is None:
+            self._perm = torch.argsort(self.lf, stable=True)
+            self.crow_t = _crow(self.count)
+            self.row_t = self.row[self._perm]
+        return self._perm
+
+    def layer_csr(self, l: int, vals: Tensor) -> Tensor:
+        """S_l [N, F] with the given values of layer l's pairs."""
+        lo, hi = self.bounds[l], self.bounds[l + 1]
+        crow = self.crow[l * self.N: (l + 1) * self.N + 1] - lo
+        return _csr(crow, self.col[lo:hi], vals[lo:hi], (self.N, self.F))
+
+    def layer_csr_t(self, l: int, vals_sorted: Tensor) -> Tensor:
+        """S_l^T [F, N] from values already permuted by ``perm``."""
+        self.perm
+        lo, hi = self.bounds[l], self.bounds[l + 1]     # same range in both orders
+        crow = self.crow_t[l * self.F: (l + 1) * self.F + 1] - lo
+        return _csr(crow, self.row_t[lo:hi] - l * self.N, vals_sorted[lo:hi], (self.F, self.N))
+
+    def layer_dense(self, l: int, vals: Tensor) -> Tensor:
+        lo, hi = self.bounds[l], self.bounds[l + 1]
+        out = torch.zeros(self.N * self.F, dtype=vals.dtype, device=vals.device)
+        out[(self.row[lo:hi] - l * self.N) * self.F + self.col[lo:hi]] = vals[lo:hi]
+        return out.view(self.N, self.F)
+
+    def layer_is_dense(self, l: int, threshold: float) -> bool:
+        return self.bounds[l + 1] - self.bounds[l] > threshold * self.N * self.F
+
+
+@torch.no_grad()
+def _jump_preactivations(xt: Tensor, W_enc: Tensor, b_enc: Tensor, theta: Tensor,
+                         holder: dict) -> tuple[Tensor, Tensor]:
+    """h = x~ W_enc + b_enc ([L, N, F], one batched GEMM) and the mask h > theta.
+
+    Fresh [L, N, F] allocations cost as much as the GEMM itself (page faults on every
+    step), so both live in buffers kept in ``holder`` and reused by the next call; neither
+    is kept by autograd."""
+    L, N, _ = xt.shape
+    F = W_enc.shape[-1]
+    h = holder.get("h")
+    if h is None or h.shape != (L, N, F) or h.dtype != xt.dtype or h.device != xt.device:
+        h = holder["h"] = torch.empty(L, N, F, dtype=xt.dtype, device=xt.device)
+        holder["mask"] = torch.empty(L, N, F, dtype=torch.bool, device=xt.device)
+    mask = holder["mask"]
+    torch.baddbmm(b_enc.unsqueeze(1), xt, W_enc, out=h)
+    torch.gt(h, theta.unsqueeze(1), out=mask)
+    return h, mask
+
+
+def _pre_sum(xt: Tensor, x_sum: Tensor, W_enc: Tensor, b_enc: Tensor, theta: Tensor,
+             active_excess: Tensor) -> Tensor:
+    """P[l, f] = sum_n ReLU(theta - h) = N theta - sum_n h + sum_active (h - theta); the column
+    sum of h is (sum_n x~) W_enc + N b_enc, so no pass over the dense h is needed."""
+    N = xt.shape[1]
+    col_sum_h = torch.bmm(x_sum.unsqueeze(1), W_enc).squeeze(1) + N * b_enc
+    return N * theta - col_sum_h + active_excess
+
+
+class _SparseJumpEncode(torch.autograd.Function):
+    """JumpReLU encoder that returns only the active pairs, and the pre-activation sums.
+
+    Forward (given h and its mask from ``_jump_preactivations``): the active pairs, their
+    values a = h, and P[l, f] = sum_n ReLU(theta - h) (see ``_pre_sum``).
+
+    Backward: dL/dh = -gP[l, f] where h < theta (from P), g_a at active pairs (from a).
+    So x~^T dL/dh = -(sum_n x~) gP^T + x~^T S with S sparse at the active pairs: the
+    encoder gradient needs no dense [N, F] matrix. theta gets the straight-through
+    rectangle-kernel term at active pairs and gP * #(h < theta) from P.
+
+    ``holder`` receives the ``_ActivePairs``; no gradient flows to x~ (the data).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, mask: Tensor, xt: Tensor, W_enc: Tensor, b_enc: Tensor,
+                log_threshold: Tensor, bandwidth: float, holder: dict):
+        L, N, F = h.shape
+        theta = log_threshold.exp()
+        flat = mask.view(-1).nonzero().squeeze(1)
+        vals = h.view(-1)[flat]
+        pairs = _ActivePairs(flat, L, N, F)
+        holder["pairs"] = pairs
+        lf = pairs.lf
+        x_sum = xt.sum(1)                                              # [L, d]
+        excess = torch.zeros(L * F, dtype=vals.dtype, device=vals.device)
+        excess.index_add_(0, lf, vals - theta.reshape(-1)[lf])
+        pre_sum = _pre_sum(xt, x_sum, W_enc, b_enc, theta, excess.view(L, F))
+        ctx.save_for_backward(xt, x_sum, theta, vals)
+        ctx.pairs, ctx.bandwidth = pairs, bandwidth
+        return vals, pre_sum
+
+    @staticmethod
+    def backward(ctx, g_vals, g_pre):
+        xt, x_sum, theta, vals = ctx.saved_tensors
+        pairs = ctx.pairs
+        L, N, d = xt.shape
+        F = theta.shape[-1]
+        lf = pairs.lf
+        eps = ctx.bandwidth
+        if g_vals is None:
+            g_vals = torch.zeros_like(vals)
+        if g_pre is None:
+            g_pre = torch.zeros_like(theta)
+        # the sparse part of dL/dh, at the active pairs
+        s_vals = g_vals + g_pre.reshape(-1)[lf]
+        grad_W = grad_b = grad_log = None
+        if ctx.needs_input_grad[3]:
+            # the pairs of all layers form one block-diagonal matrix M [L*N, L*F];
+            # grad W_enc (as [L*F, d]) = M^T @ x~ (as [L*N, d]).
+            perm = pairs.perm
+            Mt = _csr(pairs.crow_t, pairs.row_t, s_vals[perm], (L * F, L * N))
+            gw = torch.sparse.mm(Mt, xt.reshape(L * N, d))              # [L*F, d]
+            grad_W = gw.view(L, F, d).transpose(1, 2) - x_sum.unsqueeze(2) * g_pre.unsqueeze(1)
+        if ctx.needs_input_grad[4]:
+            grad_b = torch.zeros(L * F, dtype=vals.dtype, device=vals.device)
+            grad_b.index_add_(0, lf, s_vals)
+            grad_b = grad_b.view(L, F) - N * g_pre
+        if ctx.needs_input_grad[5]:
+            theta_nz = theta.reshape(-1)[lf]
+            window = (vals - theta_nz) < eps / 2
+            g_theta = torch.zeros(L * F, dtype=vals.dtype, device=vals.device)
+            g_theta.index_add_(0, lf, -(theta_nz / eps) * g_vals * window)
+            g_theta = g_theta.view(L, F) + g_pre * (N - pairs.count.view(L, F))
+            grad_log = g_theta * theta
+        ctx.pairs = None
+        return None, None, None, grad_W, grad_b, grad_log, None, None
+
+
+def _float_mask(cond: str, a: Tensor, b: Tensor) -> Tensor:
+    """1.0 where ``a > b`` (cond "gt") or ``a < b`` ("lt"), else 0.0, in a's dtype. Products
+    with float masks are several times faster on CPU than ``where`` or products with
+    bool masks."""
+    out = torch.empty_like(a)
+    return (torch.gt if cond == "gt" else torch.lt)(a, b, out=out)
+
+
+class _DenseJumpEncode(torch.autograd.Function):
+    """The same maths as ``_SparseJumpEncode`` on dense tensors, for batches where many
+    features fire; it also computes the tanh sparsity sum, so that the whole encoder side
+    makes a handful of passes over the [N, F] tensors of each layer instead of the dozens
+    that autograd would make.
+
+    Returns the activations of each layer a_l = h_l * 1[h_l > theta_l] ([N, F] each), the
+    sparsity sum S = sum tanh(c a ||W_dec||), the pre-activation sums P [L, F] and the
+    firing counts. Active positions are recovered in the backward pass as a > 0 (theta > 0).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, mask: Tensor, xt: Tensor, W_enc: Tensor, b_enc: Tensor,
+                log_threshold: Tensor, bandwidth: float, norms: Tensor, tanh_c: float):
+        L = h.shape[0]
+        theta = log_threshold.exp()
+        a, counts, a_sums, T = [], [], [], []
+        scale = tanh_c * norms                                         # [L, F]
+        for l in range(L):
+            m = _float_mask("gt", h[l], theta[l])
+            counts.append(m.sum(0))
+            m.mul_(h[l])                                               # a_l, in place
+            a.append(m)
+            a_sums.append(m.sum(0))
+            T.append(torch.tanh_(m * scale[l]))
+        count = torch.stack(counts).round().to(torch.int64)            # [L, F]
+        x_sum = xt.sum(1)
+        pre_sum = _pre_sum(xt, x_sum, W_enc, b_enc, theta, torch.stack(a_sums) - theta * count)
+        sparsity = sum(t.sum() for t in T)
+        ctx.save_for_backward(xt, x_sum, theta, count, scale, *a, *T)
+        ctx.bandwidth, ctx.tanh_c, ctx.L = bandwidth, tanh_c, L
+        ctx.mark_non_differentiable(count)
+        return (*a, sparsity, pre_sum, count)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        L = ctx.L
+        xt, x_sum, theta, count, scale, *rest = ctx.saved_tensors
+        a, T = rest[:L], rest[L:]
+        g_a, g_sparsity, g_pre = grads[:L], grads[L], grads[L + 1]
+        N, d, F = xt.shape[1], xt.shape[2], theta.shape[1]
+        eps = ctx.bandwidth
+        if g_pre is None:
+            g_pre = torch.zeros_like(theta)
+        if g_sparsity is None:
+            g_sparsity = torch.zeros((), dtype=theta.dtype, device=theta.device)
+        grad_W = xt.new_empty(L, d, F)
+        grad_b, g_theta, g_norms = torch.empty_like(theta), torch.empty_like(theta), torch.empty_like(theta)
+        for l in range(L):
+            active = _float_mask("gt", a[l], torch.zeros((), dtype=a[l].dtype))
+            # d tanh(c n a) = (1 - T^2) c n: to the activation and to the decoder norm
+            dT = torch.mul(T[l], T[l]).neg_().add_(1.0).mul_(g_sparsity)
+            g_norms[l] = ctx.tanh_c * (dT * a[l]).sum(0)
+            g_al = dT.mul_(scale[l])
+            if g_a[l] is not None:
+                g_al.add_(g_a[l])
+            # straight-through threshold gradient at active positions inside the window
+            window = _float_mask("lt", a[l], theta[l] + eps / 2).mul_(active)
+            g_theta[l] = -(theta[l] / eps) * (window.mul_(g_al)).sum(0)
+            # dL/dh: g_a at active positions, -gP where h < theta (see _SparseJumpEncode)
+            S = g_al.add_(g_pre[l]).mul_(active)
+            grad_W[l] = xt[l].t() @ S
+            grad_b[l] = S.sum(0)
+        grad_W -= x_sum.unsqueeze(2) * g_pre.unsqueeze(1)
+        grad_b -= N * g_pre
+        g_theta += g_pre * (N - count)
+        return None, None, None, grad_W, grad_b, g_theta * theta, None, g_norms, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """Decoder on the active pairs: y^[:, targets(l)] += S_l @ W_dec[l] for each source l.
+
+    Forward: one CSR @ dense product per source layer. Backward: grad W_dec[l] =
+    S_l^T @ g_y (only the rows of active features are non-zero) and the gradient of each
+    active value is the dot product of its decoder row with its token's output gradient,
+    i.e. g_y @ W_dec[l]^T sampled at the active pairs only.
+    """
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, pairs: _ActivePairs, cross: bool, *W_dec: Tensor):
+        L, N, F = pairs.L, pairs.N, pairs.F
+        d = W_dec[0].shape[-1]
+        out = torch.zeros(N, L, d, dtype=vals.dtype, device=vals.device)
+        mats = []
+        for l in range(L):
+            dense = pairs.layer_is_dense(l, DECODER_DENSE_ABOVE)
+            S = pairs.layer_dense(l, vals) if dense else pairs.layer_csr(l, vals)
+            mats.append(S)
+            W = W_dec[l].reshape(F, -1)
+            prod = S @ W if dense else torch.sparse.mm(S, W)
+            if cross:
+                out[:, l:, :] += prod.view(N, L - l, d)
+            else:
+                out[:, l, :] += prod
+        ctx.save_for_backward(vals, *W_dec)
+        ctx.mats, ctx.pairs, ctx.cross = mats, pairs, cross
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):
+        vals, *W_dec = ctx.saved_tensors
+        mats, pairs, cross = ctx.mats, ctx.pairs, ctx.cross
+        L, N, F = pairs.L, pairs.N, pairs.F
+        g_vals = torch.empty_like(vals)
+        vals_sorted = None
+        g_W = []
+        for l in range(L):
+            lo, hi = pairs.bounds[l], pairs.bounds[l + 1]
+            g = (g_out[:, l:, :] if cross else g_out[:, l, :]).reshape(N, -1)   # [N, T*d]
+            W = W_dec[l].reshape(F, -1)
+            S = mats[l]
+            if S.layout == torch.strided:
+                rows, cols = pairs.row[lo:hi] - l * N, pairs.col[lo:hi]
+                g_vals[lo:hi] = (g @ W.t()).view(-1)[rows * F + cols]
+                g_W.append((S.t() @ g).view_as(W_dec[l]))
+            else:
+                g_vals[lo:hi] = torch.sparse.sampled_addmm(S, g, W.t(), beta=0.0).values()
+                if vals_sorted is None:
+                    vals_sorted = vals[pairs.perm]
+                St = pairs.layer_csr_t(l, vals_sorted)
+                g_W.append(torch.sparse.mm(St, g).view_as(W_dec[l]))
+        ctx.mats = ctx.pairs = None
+        return (g_vals, None, None, *g_W)
+
+
+# ----------------------------------------------------------------------------- model -----
+
+class CrossLayerTranscoder(nn.Module):
+    def __init__(self, cfg: CLTConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.cfg = cfg
+        L, d, F = cfg.n_layers, cfg.d_model, cfg.d_features
+        # Initialisation: encoder and decoders uniform with scale 1/sqrt(fan), so that with
+        # normalised inputs (E||x~|| = sqrt(d)) pre-activations are of order one.
+        g = generator
+        bound_enc = 1.0 / math.sqrt(d)
+        self.W_enc = nn.Parameter(torch.empty(L, d, F).uniform_(-bound_enc, bound_enc, generator=g))
+        self.b_enc = nn.Parameter(torch.zeros(L, F))
+        self.log_threshold = nn.Parameter(torch.full((L, F), math.log(cfg.threshold_init)))
+        bound_dec = 1.0 / math.sqrt(L * F)
+        self.W_dec = nn.ParameterList([
+            nn.Parameter(torch.empty(F, len(self.target_layers(l)), d)
+                         .uniform_(-bound_dec, bound_dec, generator=g))
+            for l in range(L)])
+        self.b_dec = nn.Parameter(torch.zeros(L, d))
+        self.register_buffer("input_scale", torch.ones(L))
+        self.register_buffer("output_scale", torch.ones(L))
+        # BatchTopK: the per-layer threshold that replaces the batch selection at inference,
+        # a running mean of the smallest kept activation during training.
+        self.register_buffer("batchtopk_threshold", torch.zeros(L))
+        self._work: dict = {}    # reused work buffers of the sparse path (not saved)
+
+    # ---------------------------------------------------------------- structure -----
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    def target_layers(self, source: int) -> list[int]:
+        """Layers that source layer ``source`` writes to."""
+        if not 0 <= source < self.cfg.n_layers:
+            raise IndexError(f"source layer {source} outside 0..{self.cfg.n_layers - 1}")
+        return list(range(source, self.cfg.n_layers)) if self.cfg.cross_layer else [source]
+
+    def release_buffers(self) -> None:
+        """Free the work buffers that the fast training path keeps between steps."""
+        self._work.clear()
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def decoder_norms(self) -> Tensor:
+        """[L, F]: norm of each feature's decoder rows concatenated over its targets."""
+        return torch.stack([W.pow(2).sum((1, 2)).sqrt() for W in self.W_dec])
+
+    # --------------------------------------------------------------- forward ---------
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """Raw MLP inputs [..., L, d] -> pre-activations h [..., L, F] (scaling inside)."""
+        xt = x * self.input_scale.unsqueeze(-1)
+        return torch.einsum("...ld,ldf->...lf", xt, self.W_enc) + self.b_enc
+
+    def _activate(self, h: Tensor) -> Tensor:
+        cfg = self.cfg
+        if cfg.activation == "jumprelu":
+            return jumprelu(h, self.threshold, cfg.bandwidth)
+        if cfg.activation == "topk":
+            k = min(cfg.k, cfg.d_features)
+            vals, idx = h.topk(k, dim=-1)
+            return torch.zeros_like(h).scatter(-1, idx, vals.relu())
+        # batchtopk
+        if not self.training:
+            return h * (h > self.batchtopk_threshold.unsqueeze(-1))
+        L, F = cfg.n_layers, cfg.d_features
+        hb = h.reshape(-1, L, F).transpose(0, 1).reshape(L, -1)          # [L, N*F]
+        n_tok = hb.shape[1] // F
+        keep = min(cfg.k * n_tok, hb.shape[1])
+        vals, idx = hb.topk(keep, dim=-1)
+        vals = vals.relu()
+        with torch.no_grad():
+            # smallest positive kept value per layer, as a running mean
+            pos = torch.where(vals > 0, vals, torch.full_like(vals, float("inf"))).amin(-1)
+            pos = torch.where(torch.isfinite(pos), pos, self.batchtopk_threshold)
+            self.batchtopk_threshold.mul_(0.99).add_(0.01 * pos)
+        a = torch.zeros_like(hb).scatter(-1, idx, vals)
+        return a.reshape(L, -1, F).transpose(0, 1).reshape(h.shape)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Feature activations [..., L, F] of raw MLP inputs [..., L, d]."""
+        return self._activate(self.pre_activations(x))
+
+    def _decode_layers(self, a: list[Tensor]) -> Tensor:
+        """Normalised reconstruction [N, L, d] from per-layer activations a[l] [N, F]."""
+        L, d = self.cfg.n_layers, self.cfg.d_model
+        n = a[0].shape[0]
+        outs = [self.b_dec[k].expand(n, d) for k in range(L)]
+        for l in range(L):
+            targets = self.target_layers(l)
+            W = self.W_dec[l]
+            contrib = (a[l] @ W.reshape(W.shape[0], -1)).view(n, len(targets), d)
+            for j, k in enumerate(targets):
+                outs[k] = outs[k] + contrib[:, j, :]
+        return torch.stack(outs, dim=1)
+
+    def _decode_normalised(self, acts: Tensor) -> Tensor:
+        L, d = self.cfg.n_layers, self.cfg.d_model
+        lead = acts.shape[:-2]
+        a = acts.reshape(-1, L, acts.shape[-1])
+        return self._decode_layers([a[:, l, :] for l in range(L)]).reshape(*lead, L, d)
+
+    def decode(self, acts: Tensor) -> Tensor:
+        """Reconstruction of the RAW MLP outputs [..., L, d] from activations [..., L, F]."""
+        return self._decode_normalised(acts) / self.output_scale.unsqueeze(-1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        acts = self.encode(x)
+        return self.decode(acts), acts
+
+    # ------------------------------------------------------------------ scales -------
+    @torch.no_grad()
+    def set_scales_from(self, x: Tensor, y: Tensor) -> None:
+        """Per-layer s = sqrt(d_model) / E||.|| on a sample of raw inputs/outputs [N, L, d]."""
+        d = self.cfg.d_model
+        L = self.cfg.n_layers
+        xn = x.reshape(-1, L, d).float().norm(dim=-1).mean(0)
+        yn = y.reshape(-1, L, d).float().norm(dim=-1).mean(0)
+        self.input_scale.copy_(math.sqrt(d) / xn.clamp_min(1e-12))
+        self.output_scale.copy_(math.sqrt(d) / yn.clamp_min(1e-12))
+
+    # -------------------------------------------------------------------- loss -------
+    def loss(self, x: Tensor, y: Tensor, lambda_sparsity: float, tanh_c: float = 4.0,
+             preact_coeff: float = 1e-4, sparse: bool | None = None) -> dict:
+        """Training loss on raw MLP inputs/outputs [..., L, d], in normalised space.
+
+        Returns a dict of tensors: ``total``, ``mse`` (sum over layers of the per-layer mean
+        squared error, i.e. mean over tokens of ||y~ - y^||^2), ``sparsity`` and ``preact``
+        (the unweighted penalty terms, averaged over tokens), ``l0`` (mean active features
+        per token and layer), and, detached, ``mse_per_layer`` [L], ``fvu`` [L] (against the
+        batch variance of the target), ``l0_per_layer`` [L], ``fire_counts`` [L, F] (tokens
+        on which each feature fired). The TopK modes train on ``mse`` alone.
+
+        ``sparse``: use the fast JumpReLU path (sparse kernels when few features fire, a
+        fused dense mode otherwise; same values and gradients as plain autograd, no
+        gradient to ``x``). ``None`` picks it for JumpReLU on the CPU, where it is tuned and
+        tested; on GPUs plain autograd is the default (``sparse=True`` forces the fast path).
+        """
+        L, d = self.cfg.n_layers, self.cfg.d_model
+        x = x.reshape(-1, L, d)
+        y = y.reshape(-1, L, d)
+        N = x.shape[0]
+        yt = y * self.output_scale.unsqueeze(-1)
+        norms = self.decoder_norms()
+        jump = self.cfg.activation == "jumprelu"
+        if sparse is None:
+            sparse = jump and not x.requires_grad and x.device.type == "cpu"
+        if sparse and not jump:
+            raise ValueError("the sparse path exists for the JumpReLU activation only")
+        if sparse:
+            xt = (x * self.input_scale.unsqueeze(-1)).transpose(0, 1).contiguous()   # [L, N, d]
+            h, mask = _jump_preactivations(xt, self.W_enc, self.b_enc, self.threshold, self._work)
+            args = (h, mask, xt, self.W_enc, self.b_enc, self.log_threshold, self.cfg.bandwidth)
+            if int(torch.count_nonzero(mask)) > DENSE_ABOVE * mask.numel():
+                *a, sparsity, pre_sum, fire_counts = _DenseJumpEncode.apply(*args, norms, tanh_c)
+                y_hat = self._decode_layers(a)
+                sparsity = sparsity / N
+            else:
+                vals, pre_sum = _SparseJumpEncode.apply(*args, self._work)
+                pairs = self._work.pop("pairs")
+                y_hat = _SparseDecode.apply(vals, pairs, self.cfg.cross_layer, *self.W_dec)
+                y_hat = y_hat + self.b_dec
+                sparsity = torch.tanh(tanh_c * vals * norms.reshape(-1)[pairs.lf]).sum() / N
+                fire_counts = pairs.count.view(L, -1)
+            preact = (pre_sum * norms).sum() / N
+        else:
+            h = self.pre_activations(x)
+            a = self._activate(h)
+            y_hat = self._decode_normalised(a)
+            fire_counts = (a > 0).sum(0)
+            if jump:
+                sparsity = torch.tanh(tanh_c * a * norms).sum() / N
+                preact = (torch.relu(self.threshold - h) * norms).sum() / N
+            else:
+                sparsity = preact = torch.zeros((), dtype=x.dtype, device=x.device)
+        err = (y_hat - yt).pow(2).sum(-1)                                 # [N, L]
+        mse_per_layer = err.mean(0)
+        mse = mse_per_layer.sum()
+        if jump:
+            total = mse + lambda_sparsity * sparsity + preact_coeff * preact
+        else:
+            total = mse
+        with torch.no_grad():
+            var = (yt - yt.mean(0)).pow(2).sum(-1).mean(0)
+            l0_per_layer = fire_counts.sum(-1).to(x.dtype) / N
+        return {
+            "total": total, "mse": mse, "sparsity": sparsity, "preact": preact,
+            "l0": l0_per_layer.mean(),
+            "mse_per_layer": mse_per_layer.detach(), "fvu": mse_per_layer.detach() / var.clamp_min(1e-12),
+            "l0_per_layer": l0_per_layer, "fire_counts": fire_counts,
+        }

@@ -1,0 +1,193 @@
+"""CLT evaluation: known answers on constructed data and on a tiny random model."""
+
+import math
+
+import pytest
+import torch
+
+from mlclt_utils.artifacts import Stage
+from mlclt_utils.clt import evaluate as ev
+from mlclt_utils.clt.formats import save_clt
+from mlclt_utils.clt.model import CLTConfig, CrossLayerTranscoder
+
+from test_clt_formats import BOS, CTX, D, F, L, V, tiny_clt, tiny_model
+
+
+def eval_tokens(rows=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(4, V, (rows, CTX), generator=g)
+    t[:, 0] = BOS
+    return t
+
+
+# ------------------------------------------------------------ known answers on tensors ---
+
+def test_fvu_is_zero_for_a_perfect_and_one_for_the_mean_prediction():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(50, L, D, generator=g) * 3 + 1
+    acts = torch.zeros(50, L, F)
+    perfect = ev.ReconstructionStats(L, D, F)
+    perfect.update(y, y, acts)
+    mean = ev.ReconstructionStats(L, D, F)
+    for chunk in y.split(7):                       # streamed in uneven batches
+        mean.update(chunk, y.mean(0).expand_as(chunk), acts[:len(chunk)])
+    assert perfect.frame()["fvu"].abs().max() < 1e-12
+    assert mean.frame()["fvu"].sub(1).abs().max() < 1e-9
+
+
+def test_l0_and_dead_features_on_constructed_activations():
+    acts = torch.zeros(4, L, F)
+    acts[:, 0, 0] = 1.0        # layer 0: feature 0 on every token, feature 5 on one token
+    acts[2, 0, 5] = 0.5
+    acts[:, 1, :3] = 2.0       # layer 1: features 0..2 on every token; layer 2: nothing fires
+    stats = ev.ReconstructionStats(L, D, F)
+    y = torch.randn(4, L, D)
+    stats.update(y[:2], y[:2], acts[:2])
+    stats.update(y[2:], y[2:], acts[2:])
+    df = stats.frame()
+    assert df["l0"].tolist() == [1.25, 3.0, 0.0]
+    assert df["n_dead"].tolist() == [F - 2, F - 3, F]
+    assert df["dead_fraction"].tolist() == pytest.approx([(F - 2) / F, (F - 3) / F, 1.0])
+    assert df["n_tokens"].tolist() == [4, 4, 4]
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "topk", "batchtopk"])
+def test_encode_layer_matches_the_module(activation):
+    clt = tiny_clt(activation=activation)
+    x = torch.randn(2, 5, L, D)
+    acts = clt.encode(x)
+    for l in range(L):
+        torch.testing.assert_close(ev.encode_layer(clt, x[..., l, :], l), acts[..., l, :],
+                                   rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ replacement model ---------
+
+def test_error_terms_reproduce_the_original_logits():
+    model, clt = tiny_model(), tiny_clt()
+    tokens = eval_tokens()
+    with torch.no_grad():
+        original = model(tokens)
+    with_error = ev.replacement_logits(model, clt, tokens, add_error=True)
+    without = ev.replacement_logits(model, clt, tokens)
+    torch.testing.assert_close(with_error, original, rtol=0, atol=1e-5)
+    assert (without - original).abs().max() > 1e-2          # the CLT alone is not exact
+
+
+@pytest.mark.parametrize("cross_layer", [True, False])
+def test_replacement_forward_is_the_clt_applied_to_its_own_inputs(cross_layer):
+    """Inside the replacement forward, every MLP output equals the module's decode of the
+    module's encode of the MLP inputs of that same forward (non-BOS positions)."""
+    model, clt = tiny_model(), tiny_clt(cross_layer)
+    tokens = eval_tokens(3)
+    names = [f"blocks.{l}.{n}" for l in range(L) for n in ("ln2.hook_normalized", "hook_mlp_out")]
+    cache = {}
+
+    def save(t, hook):
+        cache[hook.name] = t.detach().clone()
+
+    keep = ev.bos_mask(tokens, BOS)
+    hooks = ev._replacement_hooks(model, clt, keep, "replace")
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=hooks + [(n, save) for n in names])
+    x = torch.stack([cache[f"blocks.{l}.ln2.hook_normalized"] for l in range(L)], dim=2)
+    out = torch.stack([cache[f"blocks.{l}.hook_mlp_out"] for l in range(L)], dim=2)
+    recon, _ = clt(x)
+    torch.testing.assert_close(out[:, 1:], recon[:, 1:], rtol=1e-5, atol=1e-5)
+    # BOS positions keep the model's own MLP output
+    with torch.no_grad():
+        _, orig = model.run_with_cache(tokens[:, :1], names_filter=names)
+    torch.testing.assert_close(out[:, 0], torch.stack(
+        [orig[f"blocks.{l}.hook_mlp_out"][:, 0] for l in range(L)], dim=1))
+
+
+def test_ce_recovered_is_one_with_error_terms_and_zero_for_zero_ablation():
+    model = tiny_model()
+    sets = {"en": eval_tokens(4, seed=1), "fr": eval_tokens(3, seed=2)}
+    exact = ev.replacement_metrics(model, tiny_clt(), sets, batch_size=3, add_error=True)
+    assert exact["language"].tolist() == ["en", "fr", "all"]
+    assert exact["n_tokens"].tolist() == [4 * (CTX - 2), 3 * (CTX - 2), 7 * (CTX - 2)]
+    assert exact["ce_recovered"].sub(1).abs().max() < 1e-4
+    assert exact["kl"].abs().max() < 1e-5
+    assert exact["top1_agreement"].min() == 1.0
+    assert (exact["ce_replacement"] - exact["ce_original"]).abs().max() < 1e-5
+
+    silent = tiny_clt()                      # reconstructs 0 everywhere: a zero ablation
+    with torch.no_grad():
+        for W in silent.W_dec:
+            W.zero_()
+        silent.b_dec.zero_()
+    zero = ev.replacement_metrics(model, silent, sets)
+    assert zero["ce_recovered"].abs().max() < 1e-6
+    assert (zero["ce_zero_ablation"] - zero["ce_original"]).abs().min() > 1e-3
+    row = zero.iloc[0]
+    assert row["kl"] > 0 and row["ce_replacement"] == pytest.approx(row["ce_zero_ablation"])
+
+
+def test_reconstruction_metrics_stream_and_match_a_direct_computation():
+    from mlclt_utils.clt.activations import collect_mlp_io
+
+    model, clt = tiny_model(), tiny_clt()
+    tokens = eval_tokens(5)
+    streamed = ev.reconstruction_metrics(model, clt, tokens, batch_size=2)
+    x, y = collect_mlp_io(model, tokens, 8)
+    assert x.shape == (5 * (CTX - 1), L, D)                 # BOS excluded
+    with torch.no_grad():
+        recon, acts = clt(x)
+    fvu = (y - recon).pow(2).sum(-1).mean(0) / (y - y.mean(0)).pow(2).sum(-1).mean(0)
+    assert streamed["fvu"].tolist() == pytest.approx(fvu.tolist(), rel=1e-4)
+    assert streamed["l0"].tolist() == pytest.approx((acts > 0).sum(-1).float().mean(0).tolist())
+    assert streamed["n_tokens"].iloc[0] == 5 * (CTX - 1)
+
+
+def test_top_activating_examples():
+    model, clt = tiny_model(), tiny_clt()
+    sets = {"en": eval_tokens(4, seed=1), "de": eval_tokens(4, seed=2)}
+    layer = 1
+    with torch.no_grad():
+        _, cache = model.run_with_cache(sets["en"], names_filter=[f"blocks.{layer}.ln2.hook_normalized"])
+        acts = ev.encode_layer(clt, cache[f"blocks.{layer}.ln2.hook_normalized"], layer)
+    acts[:, 0] = 0
+    feature = int(acts.gt(0).sum((0, 1)).argmax())
+    df = ev.top_activating_examples(model, clt, sets, layer, feature, k=3, batch_size=3)
+    en = df[df["language"] == "en"]
+    assert len(en) == 3 and set(df["language"]) <= {"en", "de"}
+    assert df["activation"].is_monotonic_decreasing
+    assert en["activation"].iloc[0] == pytest.approx(float(acts[..., feature].max()))
+    row, pos = int(en["row"].iloc[0]), int(en["position"].iloc[0])
+    assert float(acts[row, pos, feature]) == pytest.approx(en["activation"].iloc[0])
+    assert pos > 0 and "[[" in en["context"].iloc[0]
+    overall = ev.top_activating_examples(model, clt, sets, layer, feature, k=2, per_language=False)
+    assert len(overall) == 2
+
+
+# ------------------------------------------------------------ the stage -----------------
+
+def test_evaluate_clt_stage_writes_its_own_stage(tmp_path, monkeypatch):
+    import mlclt_utils.corpus as corpus
+    import mlclt_utils.models as models
+
+    run, name = "t", "s-en50"
+    model, clt = tiny_model(), tiny_clt()
+    clt_stage = Stage(run, f"clt/{name}", tmp_path)
+    clt_stage.start()
+    save_clt(clt, clt_stage.path)
+    clt_stage.finish({"eval_tokens": 2 * CTX})
+    model_stage = Stage(run, f"models/{name}", tmp_path)
+    model_stage.start()
+    model_stage.finish({"model": name})
+    sets = {"en": eval_tokens(4, seed=1), "fr": eval_tokens(4, seed=2)}
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(corpus, "load_data_stage", lambda *a, **k: {"validation": sets, "test": sets})
+
+    out = ev.evaluate_clt_stage(run, name, root=tmp_path, batch_size=2)
+    stage = Stage(run, f"clt_eval/{name}", tmp_path)
+    manifest = stage.require()
+    assert set(manifest["inputs"]) == {f"clt/{name}", f"models/{name}"}
+    assert stage.file("metrics_layers.csv").exists() and stage.file("metrics_languages.csv").exists()
+    layers, langs = out["layers"], out["languages"]
+    assert set(layers["language"]) == {"en", "fr", "all"} and len(layers) == 3 * L
+    assert langs["n_tokens"].tolist() == [2 * (CTX - 2), 2 * (CTX - 2), 4 * (CTX - 2)]  # eval_tokens
+    assert langs["ce_recovered"].notna().all() and math.isfinite(langs["kl"].iloc[-1])
+    again = ev.evaluate_clt_stage(run, name, root=tmp_path, batch_size=2)   # read back
+    assert again["languages"]["kl"].tolist() == pytest.approx(langs["kl"].tolist())
