@@ -123,3 +123,78 @@ def loss_heatmap(table: pd.DataFrame, title: str = "final validation loss"):
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+# ---- chapter 03 -------------------------------------------------------------------------
+
+def clt_layer_figure(layers: pd.DataFrame):
+    """FVU, L0 and dead fraction by layer, one line per model (index level 'model')."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for name, df in layers.groupby(level="model"):
+        for ax, col in zip(axes, ("fvu", "l0", "dead_fraction")):
+            ax.plot(df["layer"], df[col], marker="o", label=name)
+    for ax, title in zip(axes, ("FVU (target variance)", "L0 (active features / token)",
+                                "dead features (fraction)")):
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def ce_recovered_figure(languages: pd.DataFrame):
+    """CE loss recovered and top-1 agreement of the replacement model, per language and model."""
+    df = languages.reset_index(level="model")
+    df = df[df["language"] != "all"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    for ax, col, title in ((axes[0], "ce_recovered", "CE loss recovered"),
+                           (axes[1], "top1_agreement", "top-1 agreement with the model")):
+        table = df.pivot(index="language", columns="model", values=col)
+        table.plot.bar(ax=ax, rot=0, legend=False)
+        ax.set_title(title)
+        ax.set_ylim(min(0.0, float(np.nanmin(table.values)) - 0.05),
+                    max(1.0, float(np.nanmax(table.values))) + 0.05)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.grid(alpha=0.3, axis="y")
+    axes[1].legend(title="model", fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+CLT_TARGETS = {"mean FVU": ("≤", 0.20), "mean L0": ("≤", 32.0), "CE loss recovered": ("≥", 0.80),
+               "dead features": ("≤", 0.10)}
+
+
+def clt_targets_table(layers: pd.DataFrame, languages: pd.DataFrame) -> pd.DataFrame:
+    """Per model: the measured value of each target and whether it is met."""
+    rows = []
+    pooled = languages.reset_index(level="model")
+    pooled = pooled[pooled["language"] == "all"].set_index("model")
+    for name, df in layers.groupby(level="model"):
+        measured = {"mean FVU": df["fvu"].mean(), "mean L0": df["l0"].mean(),
+                    "CE loss recovered": pooled.loc[name, "ce_recovered"] if name in pooled.index else np.nan,
+                    "dead features": df["dead_fraction"].mean()}  # same F in every layer
+        for target, (op, bound) in CLT_TARGETS.items():
+            v = float(measured[target])
+            met = v <= bound if op == "≤" else v >= bound
+            rows.append({"model": name, "target": f"{target} {op} {bound:g}", "measured": round(v, 3),
+                         "met": "yes" if met else "no"})
+    return pd.DataFrame(rows).set_index(["model", "target"])
+
+
+def transcoder_comparison_table(results: Mapping[str, Mapping[str, pd.DataFrame]]) -> pd.DataFrame:
+    """One row per transcoder variant: mean FVU, mean L0, dead fraction, CE recovered, KL."""
+    rows = {}
+    for label, r in results.items():
+        layers = r["layers"]
+        if "language" in layers:
+            layers = layers[layers["language"] == "all"]
+        lang = r["languages"].set_index("language")
+        pooled = lang.loc["all"] if "all" in lang.index else lang.mean(numeric_only=True)
+        rows[label] = {"mean FVU": layers["fvu"].mean(), "mean L0": layers["l0"].mean(),
+                       "dead fraction": layers["dead_fraction"].mean(),
+                       "CE recovered": pooled["ce_recovered"], "KL": pooled["kl"],
+                       "top-1 agreement": pooled["top1_agreement"]}
+    return pd.DataFrame(rows).T.round(4)

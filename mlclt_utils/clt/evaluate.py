@@ -320,7 +320,7 @@ def _eval_sets(data, split: str) -> dict:
 def evaluate_clt_stage(run: str, model_name: str, root=None, cross_layer: bool = True,
                        device: str = "cpu", split: str = "validation",
                        max_tokens_per_language: int | None = None, batch_size: int = 16,
-                       force: bool = False) -> dict:
+                       force: bool = False, activation: str = "jumprelu") -> dict:
     """Evaluate the CLT (``cross_layer=True``, stage ``clt/<model>``) or per-layer
     transcoder (stage ``plt/<model>``) of ``model_name`` on the ``split`` eval sets of its
     mixture. Writes ``metrics_layers.csv`` (per language and ``all``: per-layer FVU, L0,
@@ -338,7 +338,9 @@ def evaluate_clt_stage(run: str, model_name: str, root=None, cross_layer: bool =
     from ..presets import mixture_name
     from .formats import load_clt
 
-    kind = "clt" if cross_layer else "plt"
+    from .train import stage_name
+
+    kind = stage_name(model_name, cross_layer, activation).split("/")[0]
     clt_stage = Stage(run, f"{kind}/{model_name}", root)
     clt_manifest = clt_stage.require()
     model_stage = Stage(run, f"models/{model_name}", root)
@@ -384,11 +386,15 @@ def evaluate_clt_stage(run: str, model_name: str, root=None, cross_layer: bool =
     return {"layers": layers, "languages": languages}
 
 
-def load_clt_eval(run: str, model_name: str, root=None, cross_layer: bool = True) -> dict:
+def load_clt_eval(run: str, model_name: str, root=None, cross_layer: bool = True,
+                  activation: str = "jumprelu") -> dict:
     """The tables written by ``evaluate_clt_stage``."""
     import pandas as pd
 
-    stage = Stage(run, f"{'clt' if cross_layer else 'plt'}_eval/{model_name}", root)
+    from .train import stage_name
+
+    kind = stage_name(model_name, cross_layer, activation).split("/")[0]
+    stage = Stage(run, f"{kind}_eval/{model_name}", root)
     stage.require()
     return {"layers": pd.read_csv(stage.file("metrics_layers.csv")),
             "languages": pd.read_csv(stage.file("metrics_languages.csv"))}

@@ -32,7 +32,7 @@ import torch
 
 from .. import distributed
 from ..artifacts import Stage, atomic_path, config_hash, read_json, save_tensors, write_json
-from .model import CLTConfig, CrossLayerTranscoder
+from .model import ACTIVATIONS, CLTConfig, CrossLayerTranscoder
 
 REQUIRED_KEYS = ("batch_tokens", "lr", "lambda_max", "lambda_warmup_fraction", "tanh_c",
                  "preact_coeff")
@@ -273,14 +273,24 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
 
 # ------------------------------------------------------------------------------ stage -----
 
-def stage_name(model_name: str, cross_layer: bool) -> str:
-    return f"{'clt' if cross_layer else 'plt'}/{model_name}"
+def stage_name(model_name: str, cross_layer: bool = True, activation: str = "jumprelu") -> str:
+    """``clt/<model>`` for the JumpReLU CLT, ``plt/<model>`` for per-layer transcoders, with
+    the activation appended for the other modes (``clt-topk/<model>``)."""
+    kind = "clt" if cross_layer else "plt"
+    if activation != "jumprelu":
+        kind += f"-{activation}"
+    return f"{kind}/{model_name}"
 
 
-def stage_config(preset: Mapping[str, Any], model_name: str, cross_layer: bool | None = None) -> dict:
+def stage_config(preset: Mapping[str, Any], model_name: str, cross_layer: bool | None = None,
+                 activation: str | None = None) -> dict:
     clt = dict(preset["clt"])
     if cross_layer is not None:
         clt["cross_layer"] = bool(cross_layer)
+    if activation is not None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
+        clt["activation"] = activation
     return {"model_name": model_name, "clt": clt, "seed": preset["seed"]}
 
 
@@ -291,8 +301,9 @@ def _train_tokens(loaded) -> torch.Tensor:
 
 
 def build_clt_stage(preset, run: str, model_name: str, root=None, device: str | None = None,
-                    cross_layer: bool | None = None, progress: bool = True,
-                    max_steps_this_call: int | None = None, cache_dir=None) -> Stage:
+                    cross_layer: bool | None = None, activation: str | None = None,
+                    progress: bool = True, max_steps_this_call: int | None = None,
+                    cache_dir=None) -> Stage:
     """Train the CLT (or, with ``cross_layer=False``, the per-layer transcoder) of model
     ``model_name`` of ``run`` into stage ``clt/<model>`` (``plt/<model>``), unless it is
     already built from the same config; an interrupted training of the same config resumes.
@@ -306,10 +317,10 @@ def build_clt_stage(preset, run: str, model_name: str, root=None, device: str | 
         from ..presets import load_preset
 
         preset = load_preset(preset)
-    config = stage_config(preset, model_name, cross_layer)
+    config = stage_config(preset, model_name, cross_layer, activation)
     cfg = config["clt"]
     cross = cfg["cross_layer"]
-    stage = Stage(run, stage_name(model_name, cross), root)
+    stage = Stage(run, stage_name(model_name, cross, cfg["activation"]), root)
     info = distributed.init_distributed(device)
     if not distributed.all_agree(not stage.matches(config)):
         return stage
@@ -358,20 +369,21 @@ def build_clt_stage(preset, run: str, model_name: str, root=None, device: str | 
 
 
 def load_clt_stage(run: str, model_name: str, root=None, cross_layer: bool = True,
-                   device: str = "cpu") -> CrossLayerTranscoder:
+                   device: str = "cpu", activation: str = "jumprelu") -> CrossLayerTranscoder:
     """The trained CLT (or per-layer transcoder) of a built stage, in eval mode."""
     from .formats import load_clt
 
-    stage = Stage(run, stage_name(model_name, cross_layer), root)
+    stage = Stage(run, stage_name(model_name, cross_layer, activation), root)
     stage.require()
     return load_clt(stage.path, device=device)
 
 
-def read_metrics(run: str, model_name: str, root=None, cross_layer: bool = True):
+def read_metrics(run: str, model_name: str, root=None, cross_layer: bool = True,
+                 activation: str = "jumprelu"):
     """Training metrics of a CLT stage as a DataFrame (list columns hold per-layer values)."""
     import pandas as pd
 
-    path = Stage(run, stage_name(model_name, cross_layer), root).file("metrics.jsonl")
+    path = Stage(run, stage_name(model_name, cross_layer, activation), root).file("metrics.jsonl")
     return pd.DataFrame(_read_rows(path))
 
 
