@@ -86,7 +86,7 @@ def run_chapter(source: Path, parameters: dict, kernel: str = "python3") -> Path
 
     EXECUTED.mkdir(parents=True, exist_ok=True)
     out = EXECUTED / source.name
-    tmp = out.with_name(f".{out.name}.running")
+    tmp = out.with_name(f".running.{out.name}")
     try:
         pm.execute_notebook(str(source), str(tmp), parameters=parameters, kernel_name=kernel,
                             cwd=str(NOTEBOOKS), progress_bar=False, log_output=True)
@@ -99,7 +99,7 @@ def run_chapter(source: Path, parameters: dict, kernel: str = "python3") -> Path
 
 
 def build_book(strict: bool = True) -> Path:
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(REPO)]
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(REPO)]
     if strict:
         cmd += ["--warningiserror", "--keep-going"]
     missing = [s.name for s in chapter_sources() if not (EXECUTED / s.name).exists()]
