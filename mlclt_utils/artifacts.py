@@ -83,6 +83,21 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSON-lines log; stops at a line cut short by an interruption."""
+    rows = []
+    path = Path(path)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> None:
     """Save tensors as safetensors, atomically (contiguous CPU copies)."""

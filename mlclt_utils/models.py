@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .artifacts import (ManifestMismatch, Stage, atomic_path, config_hash, load_tensors,
+from .artifacts import (ManifestMismatch, Stage, atomic_path, config_hash, load_tensors, read_jsonl,
                         read_json, save_tensors, write_json)
+from .presets import parse_override
 
 BOS_ID = 3  # the project's tokenizer puts <bos> at id 3 and <eos> at id 4 (as the papers' models)
 EOS_ID = 4
@@ -426,16 +427,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _read_rows(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by an interruption
-                break
-    return rows
-
 
 def _rewrite_rows(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp:
@@ -524,7 +515,7 @@ def train_model(stage: Stage, model_cfg, train_tensors: Mapping[str, torch.Tenso
     if dist.is_main:
         path.mkdir(parents=True, exist_ok=True)
         # keep the metrics rows up to the resumed step; later ones will be written again
-        _rewrite_rows(metrics_path, [r for r in _read_rows(metrics_path)
+        _rewrite_rows(metrics_path, [r for r in read_jsonl(metrics_path)
                                      if state is not None and r["step"] <= start])
         write_json(path / "config.json", {"hooked_transformer": config_to_dict(model_cfg),
                                           "languages": languages, "seed": seed, "total_steps": total,
@@ -597,7 +588,7 @@ def train_model(stage: Stage, model_cfg, train_tensors: Mapping[str, torch.Tenso
         save_tensors(path / "model.safetensors", model.state_dict())
         resume_path.unlink(missing_ok=True)
     distributed.barrier()
-    rows = _read_rows(metrics_path)
+    rows = read_jsonl(metrics_path)
     return {"completed": True, "step": total, "total_steps": total, "resumed_from": start,
             "tokens": total * batch_size * n_ctx, "train_seconds": seconds,
             "tokens_per_second": (total - start) * batch_size * n_ctx / max(seconds, 1e-9),
@@ -750,7 +741,7 @@ def read_metrics(run: str, model_name: str, root=None):
         raise ManifestMismatch(f"model {model_name!r} of run {run!r} has no metrics yet ({path}); "
                                "train it first")
     rows = []
-    for r in _read_rows(path):
+    for r in read_jsonl(path):
         flat = {k: v for k, v in r.items() if k != "val_loss"}
         flat.update({f"val_loss_{lang}": v for lang, v in r.get("val_loss", {}).items()})
         rows.append(flat)
@@ -797,15 +788,6 @@ def greedy_continuations(model, tokenizer, prompts: Mapping[str, str], max_new_t
 
 # ----------------------------------------------------------------------------- command line
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"override {text!r} is not KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlclt_utils.models",
@@ -819,7 +801,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--preset", default="tiny")
     train.add_argument("--root", default=None, help="artifact root (default $MLCLT_ARTIFACTS or ./artifacts)")
     train.add_argument("--device", default=None)
-    train.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
+    train.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
                        metavar="KEY=VALUE", help="preset override, e.g. training.tokens=100000")
     args = parser.parse_args(argv)
     from .presets import load_preset

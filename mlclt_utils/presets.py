@@ -10,6 +10,7 @@ Overrides are a flat dict of dotted keys, e.g. ``{"training.tokens": 200_000,
 
 from __future__ import annotations
 
+import ast
 import copy
 from typing import Any, Mapping
 
@@ -255,3 +256,17 @@ def model_names(preset: Mapping[str, Any]) -> list[str]:
         if size != models["main_size"]:
             names.append(f"{size}-{mixture_name(models['size_comparison_share'])}")
     return names
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"training.tokens=2e5"`` -> ``("training.tokens", 200000.0)``; values are Python or
+    JSON literals, anything else is kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {text!r} must look like KEY=VALUE, e.g. training.tokens=200000")
+    for parse in (ast.literal_eval, lambda v: __import__("json").loads(v)):
+        try:
+            return key, parse(value)
+        except (ValueError, SyntaxError):
+            pass
+    return key, value

@@ -13,14 +13,13 @@ errors).
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .presets import PRESETS, load_preset
+from .presets import PRESETS, load_preset, parse_override
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -70,15 +69,6 @@ def select(sources: list[Path], wanted: list[str] | None) -> list[Path]:
     return sorted(chosen)
 
 
-def parse_param(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise ValueError(f"--param {text!r} must look like key=value")
-    key, value = text.split("=", 1)
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
 
 def run_chapter(source: Path, parameters: dict, kernel: str = "python3") -> Path:
     import papermill as pm
@@ -120,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:  # fail here, before any work, on a bad preset, key or value
-        overrides = dict(parse_param(p) for p in args.param)
+        overrides = dict(parse_override(p) for p in args.param)
         load_preset(args.preset, overrides)
         chapters = select(chapter_sources(), args.chapters)
     except (ValueError, FileNotFoundError) as err:

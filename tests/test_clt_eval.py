@@ -8,7 +8,6 @@ import torch
 from mlclt_utils.artifacts import Stage
 from mlclt_utils.clt import evaluate as ev
 from mlclt_utils.clt.formats import save_clt
-from mlclt_utils.clt.model import CLTConfig, CrossLayerTranscoder
 
 from test_clt_formats import BOS, CTX, D, F, L, V, tiny_clt, tiny_model
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from .. import distributed
-from ..artifacts import Stage, atomic_path, config_hash, read_json, save_tensors, write_json
+from ..artifacts import Stage, atomic_path, config_hash, read_json, read_jsonl, save_tensors, write_json
+from ..presets import parse_override
 from .model import ACTIVATIONS, CLTConfig, CrossLayerTranscoder
 
 REQUIRED_KEYS = ("batch_tokens", "lr", "lambda_max", "lambda_warmup_fraction", "tanh_c",
@@ -82,11 +82,6 @@ def _check_cfg(cfg: Mapping[str, Any]) -> None:
     if missing:
         raise ValueError(f"the CLT training config lacks {missing}; pass the preset's 'clt' section")
 
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], extra: torch.Tensor, world: int) -> torch.Tensor:
@@ -176,7 +171,7 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
                 dist.broadcast(t.data, 0)
     if info.is_main and folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        rows = [r for r in _read_rows(metrics_path) if state is not None and r["step"] <= start]
+        rows = [r for r in read_jsonl(metrics_path) if state is not None and r["step"] <= start]
         with atomic_path(metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -263,7 +258,7 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
     clt.release_buffers()
     clt.eval()
     if last_row is None and metrics_path is not None and metrics_path.exists():
-        rows = _read_rows(metrics_path)
+        rows = read_jsonl(metrics_path)
         last_row = rows[-1] if rows else None
     return {"completed": step >= n_steps, "step": step, "n_steps": n_steps, "resumed_from": start,
             "tokens": step * B, "seconds": seconds,
@@ -384,19 +379,10 @@ def read_metrics(run: str, model_name: str, root=None, cross_layer: bool = True,
     import pandas as pd
 
     path = Stage(run, stage_name(model_name, cross_layer, activation), root).file("metrics.jsonl")
-    return pd.DataFrame(_read_rows(path))
+    return pd.DataFrame(read_jsonl(path))
 
 
 # ------------------------------------------------------------------------ command line -----
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"override {text!r} is not KEY=VALUE")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -410,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--per-layer", action="store_true", help="per-layer transcoder instead of a CLT")
     parser.add_argument("--cache-dir", default=None, help="on-disk activation cache folder")
-    parser.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
                         metavar="KEY=VALUE", help="preset override, e.g. clt.train_tokens=100000")
     args = parser.parse_args(argv)
     from ..presets import load_preset
