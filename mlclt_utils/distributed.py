@@ -76,6 +76,19 @@ def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:
     return x / dist.get_world_size()
 
 
+def load_resume_state(path, key: str) -> dict | None:
+    """The resume state saved at ``path`` when it was written for settings ``key``, else None.
+    Every rank reads the same file; ranks that disagree on resuming raise."""
+    state = None
+    if path is not None and os.path.exists(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("key") != key:
+            state = None
+    if all_agree(state is None) and all_agree(state is not None):
+        raise RuntimeError("ranks disagree on whether to resume; do all ranks see the same stage folder?")
+    return state
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -500,13 +500,7 @@ def train_model(stage: Stage, model_cfg, train_tensors: Mapping[str, torch.Tenso
     # Resume when a state of the same settings exists (every rank reads the same file).
     start = 0
     loss_sum, loss_count = 0.0, 0  # train loss since the last metrics row (mean over ranks)
-    state = None
-    if resume_path.exists():
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if state.get("key") != key:
-            state = None
-    if distributed.all_agree(state is None) and distributed.all_agree(state is not None):
-        raise RuntimeError("ranks disagree on whether to resume; do all ranks see the same stage folder?")
+    state = distributed.load_resume_state(resume_path, key)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -148,13 +148,7 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
     acc = torch.zeros(3, L, dtype=torch.float64)               # fvu, l0, mse sums since last row
     acc_loss = torch.zeros(3, dtype=torch.float64)             # total, sparsity, preact sums
     n_acc = 0
-    state = None
-    if resume_path is not None and resume_path.exists():
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if state.get("key") != key:
-            state = None
-    if distributed.all_agree(state is None) and distributed.all_agree(state is not None):
-        raise RuntimeError("ranks disagree on whether to resume; do all ranks see the same stage folder?")
+    state = distributed.load_resume_state(resume_path, key)
     if state is not None:
         clt.load_state_dict(state["clt"])
         optimizer.load_state_dict(state["optimizer"])
