@@ -443,6 +443,23 @@ def encode_texts(tokenizer, texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
 
+def verse_rows(tokenizer, texts: list[str], n_ctx: int) -> torch.Tensor:
+    """One row per text: BOS + its tokens, cut to ``n_ctx``, right-padded with PAD
+    (``LongTensor [len(texts), longest row]``). Padding after the text cannot change what a
+    causal model computes on the text, so a row gives the text's own activations."""
+    if n_ctx < 2:
+        raise ValueError(f"n_ctx must be at least 2 (BOS plus one token), got {n_ctx}")
+    if not texts:
+        raise ValueError("no texts to turn into rows")
+    _check_special_ids(tokenizer)
+    ids = [e[:n_ctx - 1] for e in encode_texts(tokenizer, texts)]
+    rows = torch.full((len(ids), 1 + max(len(e) for e in ids)), PAD_ID, dtype=torch.long)
+    rows[:, 0] = BOS_ID
+    for i, e in enumerate(ids):
+        rows[i, 1:1 + len(e)] = torch.from_numpy(e)
+    return rows
+
+
 def _check_special_ids(tokenizer) -> None:
     for name, expected in (("bos", BOS_ID), ("eos", EOS_ID)):
         got = getattr(tokenizer, f"{name}_token_id", expected)
@@ -710,6 +727,6 @@ __all__ = [
     "Corpus", "SPLITS", "SOURCES", "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "SEP_ID",
     "clean_verse", "normalize_text", "load_corpus", "check_corpus_config", "bible_db_path",
     "hash_split", "mixture_budgets", "encode_texts", "build_mixture_dataset",
-    "build_eval_dataset", "corpus_config", "data_config", "build_corpus_stage",
+    "build_eval_dataset", "verse_rows", "corpus_config", "data_config", "build_corpus_stage",
     "load_corpus_stage", "build_data_stage", "load_data_stage",
 ]

@@ -47,10 +47,8 @@ import torch.nn.functional as F
 from . import distributed
 from .artifacts import (ManifestMismatch, Stage, atomic_path, config_hash, load_tensors, read_jsonl,
                         read_json, save_tensors, write_json)
+from .corpus import BOS_ID, EOS_ID  # <bos> is 3 and <eos> 4, as in the papers' models
 from .presets import parse_override
-
-BOS_ID = 3  # the project's tokenizer puts <bos> at id 3 and <eos> at id 4 (as the papers' models)
-EOS_ID = 4
 
 # GPT-2's GELU is the tanh approximation. TransformerLens calls it "gelu_new" (written out
 # as several elementwise operations) or "gelu_pytorch_tanh" (the same function, within

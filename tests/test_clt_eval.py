@@ -160,6 +160,27 @@ def test_top_activating_examples():
     assert len(overall) == 2
 
 
+def test_top_activating_examples_skip_padding_and_show_whole_rows():
+    from mlclt_utils.corpus import PAD_ID
+
+    model, clt = tiny_model(), tiny_clt()
+    rows = eval_tokens(4, seed=3)
+    rows[:, CTX // 2:] = PAD_ID                  # right padding, as corpus.verse_rows makes
+    layer = 0
+    with torch.no_grad():
+        _, cache = model.run_with_cache(rows, names_filter=[f"blocks.{layer}.ln2.hook_normalized"])
+        acts = ev.encode_layer(clt, cache[f"blocks.{layer}.ln2.hook_normalized"], layer)
+    feature = int(acts[:, CTX // 2:].gt(0).sum((0, 1)).argmax())   # one that fires on padding
+    assert acts[:, CTX // 2:, feature].max() > 0
+    df = ev.top_activating_examples(model, clt, {"en": rows}, layer, feature, k=50,
+                                    window=None, after=None)
+    assert (df["position"] < CTX // 2).all() and (df["position"] > 0).all()
+    top = df.iloc[0]
+    ids, pos = rows[int(top["row"])].tolist(), int(top["position"])
+    whole = f"{ev._decode(model, ids[1:pos])}[[{ev._decode(model, [ids[pos]])}]]{ev._decode(model, ids[pos + 1:CTX // 2])}"
+    assert top["context"] == whole             # the whole row but BOS and padding
+
+
 # ------------------------------------------------------------ the stage -----------------
 
 def test_evaluate_clt_stage_writes_its_own_stage(tmp_path, monkeypatch):

@@ -275,6 +275,18 @@ def test_eval_dataset(bible, tok):
     assert 0 < len(big["fr"]) < 10**9 // 64
 
 
+def test_verse_rows(bible, tok):
+    verses = bible.parallel["zh"][:5] + [bible.parallel["en"][0], "Amen."]
+    rows = C.verse_rows(tok, verses, n_ctx=24)
+    assert rows.dtype == torch.int64 and (rows[:, 0] == C.BOS_ID).all() and rows.shape[1] <= 24
+    for verse, row in zip(verses, rows):
+        ids = row[1:][row[1:] != C.PAD_ID].tolist()
+        assert ids == C.encode_texts(tok, [verse])[0][:23].tolist()   # cut, never shifted
+    assert (rows == C.PAD_ID).any()                                       # shorter rows padded
+    with pytest.raises(ValueError, match="n_ctx"):
+        C.verse_rows(tok, verses, n_ctx=1)
+
+
 # --------------------------------------------------------------------------------- stages
 
 def test_stages_skip_and_refuse(tmp_path):

@@ -128,3 +128,23 @@ def test_fertility_table(small, tok):
     # lists of different lengths are not aligned: no ratio
     loose = fertility_table(tok, {"en": aligned["en"], "fr": aligned["fr"][:2]})
     assert math.isnan(loose.loc["fr", "ratio_to_reference"])
+
+
+def test_marked_context_marks_whole_characters(tok):
+    from types import SimpleNamespace
+
+    from mlclt_utils.clt.evaluate import _marked_context
+
+    model = SimpleNamespace(tokenizer=tok)
+    text = "emoji 🙂 and 漢字"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [tok.decode([i]) for i in ids]
+    part = next(p for p, s in enumerate(pieces) if "\ufffd" in s)   # a byte of a character
+    marked = _marked_context(model, ids, part)
+    assert "\ufffd" not in marked and marked.replace("[[", "").replace("]]", "") == text
+    inner = marked[marked.index("[[") + 2:marked.index("]]")]
+    assert inner in ("🙂", "漢", "字")
+    # a window cut inside a character cannot be re-encoded: marked piece by piece instead
+    cut = ids[part + 1:]
+    assert tok.encode(tok.decode(cut), add_special_tokens=False) != cut
+    assert _marked_context(model, cut, 0) == f"[[{pieces[part + 1]}]]{tok.decode(cut[1:])}"

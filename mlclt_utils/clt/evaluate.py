@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..artifacts import Stage, atomic_path
+from ..corpus import PAD_ID
 from .activations import _bos_id, collect_mlp_io, kept_mask
 
 
@@ -409,18 +410,36 @@ def _decode(model, ids: list[int]) -> str:
     return tok.decode(ids)
 
 
+def _marked_context(model, ids: list[int], pos: int) -> str:
+    """The text of ``ids`` with token ``pos`` in [[ ]]. With a fast tokenizer the mark comes
+    from re-encoding the text with character offsets, so a byte-level token that is only part
+    of a character (common in Chinese) marks that whole character instead of printing
+    replacement characters; the text is marked piecewise when re-encoding does not give
+    ``ids`` back (a window cut inside a character)."""
+    tok = getattr(model, "tokenizer", None)
+    if getattr(tok, "is_fast", False):
+        text = tok.decode(ids)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"] == ids:
+            a, b = enc["offset_mapping"][pos]
+            return f"{text[:a]}[[{text[a:b]}]]{text[b:]}"
+    return f"{_decode(model, ids[:pos])}[[{_decode(model, [ids[pos]])}]]{_decode(model, ids[pos + 1:])}"
+
+
 @torch.no_grad()
 def top_activating_examples(model, clt, tokens_by_lang: Mapping[str, Tensor], layer: int,
                             feature: int, k: int = 10, per_language: bool = True,
-                            window: int = 12, after: int = 2, batch_size: int = 16,
-                            bos_id: int | None = None):
+                            window: int | None = 12, after: int | None = 2, batch_size: int = 16,
+                            bos_id: int | None = None, pad_id: int | None = PAD_ID):
     """Top activating token positions of feature ``feature`` of layer ``layer``, read on the
-    original model's MLP inputs (BOS positions excluded).
+    original model's MLP inputs (BOS and ``pad_id`` positions excluded, so rows of
+    ``corpus.verse_rows`` work: one verse per row).
 
     Returns a DataFrame sorted by activation (descending) with columns language, row,
     position, activation, token, context; ``k`` rows per language (``per_language``) or
     ``k`` overall. ``context`` shows up to ``window`` tokens before the position, the token
-    itself in [[ ]], and ``after`` tokens after it. Features that never fire give no rows.
+    itself in [[ ]], and ``after`` tokens after it (None: the rest of the row on that side).
+    Features that never fire give no rows.
     """
     import pandas as pd
 
@@ -437,7 +456,8 @@ def top_activating_examples(model, clt, tokens_by_lang: Mapping[str, Tensor], la
             _, cache = model.run_with_cache(chunk, names_filter=[name], stop_at_layer=layer + 1)
             x = cache[name].to(clt.W_enc.dtype)
             acts = encode_layer(clt, x, layer)[..., feature]
-            acts = acts.masked_fill(bos_mask(chunk, bos), 0.0).flatten().cpu()
+            skip = bos_mask(chunk, bos) if pad_id is None else bos_mask(chunk, bos) | (chunk == pad_id)
+            acts = acts.masked_fill(skip, 0.0).flatten().cpu()
             idx = torch.arange(acts.numel()) + start * tokens.shape[1]
             best_v, order = torch.cat([best_v, acts]).topk(min(k, best_v.numel() + acts.numel()))
             best_i = torch.cat([best_i, idx])[order]
@@ -451,10 +471,12 @@ def top_activating_examples(model, clt, tokens_by_lang: Mapping[str, Tensor], la
     out = []
     for lang, row, pos, v in found:
         ids = tokens_by_lang[lang][row].tolist()
-        left = [t for t in ids[max(0, pos - window):pos] if t != bos]
-        right = ids[pos + 1:pos + 1 + after]
+        left = ids[:pos] if window is None else ids[max(0, pos - window):pos]
+        right = ids[pos + 1:] if after is None else ids[pos + 1:pos + 1 + after]
+        left = [t for t in left if t != bos and t != pad_id]
+        right = [t for t in right if t != bos and t != pad_id]
         token = _decode(model, [ids[pos]])
-        context = f"{_decode(model, left)}[[{token}]]{_decode(model, right)}"
+        context = _marked_context(model, left + [ids[pos]] + right, len(left))
         out.append({"language": lang, "row": row, "position": pos, "activation": v,
                     "token": token, "context": context})
     return pd.DataFrame(out, columns=["language", "row", "position", "activation", "token",
