@@ -7,7 +7,7 @@
 Chapters are executed in the order of ``_toc.yml`` from ``notebooks/NN_slug.ipynb`` into
 ``book/chapters/NN_slug.ipynb``. The first failing chapter stops the run with its name and
 the failing cell. The book is then built with Jupyter Book in strict mode (warnings are
-errors).
+errors). Artifacts go to ``$MLCLT_ARTIFACTS``, by default ``artifacts/`` at the repository root.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from .artifacts import ENV_ROOT
 from .presets import PRESETS, load_preset, parse_override
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
     parameters = {"preset": args.preset, "run": args.run or args.preset, "overrides": overrides}
+    # Chapters run with the notebooks folder as working directory; without this the default
+    # relative root would put the artifacts there instead of at the repository root.
+    os.environ.setdefault(ENV_ROOT, str(REPO / "artifacts"))
 
     try:
         if not args.build_only:
