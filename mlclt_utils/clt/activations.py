@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..artifacts import canonical_json, load_tensors, save_tensors
+from ..corpus import BOS_ID
 
 DEFAULT_INPUT_HOOK = "ln2.hook_normalized"
 DEFAULT_OUTPUT_HOOK = "hook_mlp_out"
@@ -51,8 +52,6 @@ def _bos_id(model, bos_id: int | None) -> int:
     value = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
     if isinstance(value, int):
         return value
-    from ..models import BOS_ID
-
     return BOS_ID
 
 

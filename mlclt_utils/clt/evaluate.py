@@ -456,7 +456,9 @@ def top_activating_examples(model, clt, tokens_by_lang: Mapping[str, Tensor], la
             _, cache = model.run_with_cache(chunk, names_filter=[name], stop_at_layer=layer + 1)
             x = cache[name].to(clt.W_enc.dtype)
             acts = encode_layer(clt, x, layer)[..., feature]
-            skip = bos_mask(chunk, bos) if pad_id is None else bos_mask(chunk, bos) | (chunk == pad_id)
+            skip = bos_mask(chunk, bos)
+            if pad_id is not None:
+                skip |= chunk == pad_id
             acts = acts.masked_fill(skip, 0.0).flatten().cpu()
             idx = torch.arange(acts.numel()) + start * tokens.shape[1]
             best_v, order = torch.cat([best_v, acts]).topk(min(k, best_v.numel() + acts.numel()))
@@ -473,8 +475,7 @@ def top_activating_examples(model, clt, tokens_by_lang: Mapping[str, Tensor], la
         ids = tokens_by_lang[lang][row].tolist()
         left = ids[:pos] if window is None else ids[max(0, pos - window):pos]
         right = ids[pos + 1:] if after is None else ids[pos + 1:pos + 1 + after]
-        left = [t for t in left if t != bos and t != pad_id]
-        right = [t for t in right if t != bos and t != pad_id]
+        left, right = ([t for t in side if t not in (bos, pad_id)] for side in (left, right))
         token = _decode(model, [ids[pos]])
         context = _marked_context(model, left + [ids[pos]] + right, len(left))
         out.append({"language": lang, "row": row, "position": pos, "activation": v,
