@@ -1,4 +1,5 @@
-# `make book` runs every chapter at PRESET and builds the HTML; `make test` runs the tests.
+# `make book` runs every chapter at PRESET and builds the HTML; `make test` runs every test
+# (what CI runs); `make test-fast` leaves out the slow end-to-end ones.
 # Both create the virtual environment on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 PRESET ?= tiny
 CHAPTERS ?=
 
-.PHONY: book test chapters bench clean
+.PHONY: book test test-fast chapters bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ chapters: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.installed
 	$(PY) -m mlclt_utils.bench train

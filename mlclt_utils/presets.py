@@ -215,9 +215,9 @@ def validate(preset: Mapping[str, Any]) -> None:
     if models["size_comparison_share"] not in shares:
         raise ValueError(f"models.size_comparison_share {models['size_comparison_share']} is not "
                          f"one of the mixtures' English shares {shares}")
-    if preset["tokenizer"]["vocab_size"] < 300:
-        raise ValueError(f"tokenizer.vocab_size {preset['tokenizer']['vocab_size']} is too small: "
-                         "byte-level BPE needs at least 256 bytes plus special tokens")
+    from .tokenizer import check_vocab_size
+
+    check_vocab_size(preset["tokenizer"]["vocab_size"])
 
 
 def load_preset(name: str = "tiny", overrides: Mapping[str, Any] | None = None) -> dict:
@@ -239,12 +239,24 @@ def load_preset(name: str = "tiny", overrides: Mapping[str, Any] | None = None) 
             node = node[part]
         node[last] = copy.deepcopy(value)
     validate(preset)
+    # kept so that an error about a stale stage can print the command that rebuilds it
+    preset["overrides"] = copy.deepcopy(dict(overrides or {}))
     return preset
 
 
 def mixture_name(share: float) -> str:
     """Name of the mixture with this English share, e.g. 0.5 -> 'en50'."""
     return f"en{round(share * 100):d}"
+
+
+def mixture_share(preset: Mapping[str, Any], name: str) -> float:
+    """English share of the preset's mixture called ``name`` (e.g. 'en50' -> 0.5)."""
+    shares = preset["mixtures"]["english_shares"]
+    for p in shares:
+        if mixture_name(p) == name:
+            return p
+    raise ValueError(f"no mixture {name!r} in this preset; its mixtures are "
+                     f"{[mixture_name(p) for p in shares]}")
 
 
 def model_names(preset: Mapping[str, Any]) -> list[str]:
@@ -256,6 +268,13 @@ def model_names(preset: Mapping[str, Any]) -> list[str]:
         if size != models["main_size"]:
             names.append(f"{size}-{mixture_name(models['size_comparison_share'])}")
     return names
+
+
+def reference_model(preset: Mapping[str, Any]) -> str:
+    """The model every size is trained on: the main size on the size-comparison mixture
+    (e.g. 's-en50'); chapters compare variants on it."""
+    models = preset["models"]
+    return f"{models['main_size']}-{mixture_name(models['size_comparison_share'])}"
 
 
 def parse_override(text: str) -> tuple[str, Any]:

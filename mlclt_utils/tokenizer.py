@@ -21,7 +21,6 @@ path as ``tokenizer_name``).
 from __future__ import annotations
 
 import math
-import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -29,12 +28,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .artifacts import Stage
-from .corpus import (BOS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID, Corpus, _lang_seed, corpus_config,
-                     encode_texts, load_corpus_stage)
-from .languages import NO_SPACE_LANGUAGES
+from .data.corpus import Corpus
+from .languages import NO_SPACE_LANGUAGES, language_rng
 
+# Fixed special-token ids: the tokenizer is trained with these tokens first, in this order.
+PAD_ID, UNK_ID, SEP_ID, BOS_ID, EOS_ID = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<sep>", "<bos>", "<eos>"]
+# Byte-level BPE needs the 256 bytes plus the special tokens.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 SPECIAL_IDS = {"<pad>": PAD_ID, "<unk>": UNK_ID, "<sep>": SEP_ID, "<bos>": BOS_ID, "<eos>": EOS_ID}
 DEFAULT_MAX_LENGTH = 1024
 
@@ -46,7 +47,7 @@ def training_sample(corpus: Corpus, chars_per_language: int, seed: int) -> list[
     for lang in corpus.languages:
         docs = corpus.texts[lang]["train"]
         left = chars_per_language
-        for i in _lang_seed(seed, lang, 0xB0E).permutation(len(docs)):
+        for i in language_rng(seed, lang, 0xB0E).permutation(len(docs)):
             if left <= 0:
                 break
             doc = docs[int(i)][:left]
@@ -60,9 +61,13 @@ def _check_tok_cfg(tok_cfg: Mapping[str, Any]) -> None:
         value = tok_cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"tokenizer.{key} is {value!r}; it must be a positive integer")
-    if tok_cfg["vocab_size"] < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"tokenizer.vocab_size {tok_cfg['vocab_size']} is too small: byte-level "
-                         f"BPE needs at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+    check_vocab_size(tok_cfg["vocab_size"])
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"tokenizer.vocab_size {vocab_size} is too small: byte-level BPE needs at "
+                         f"least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
 
 
 def wrap_tokenizer(tok, model_max_length: int | None = None):
@@ -84,6 +89,24 @@ def _check_ids(tokenizer) -> None:
     got = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     if got != SPECIAL_IDS:
         raise ValueError(f"special token ids are {got}, expected {SPECIAL_IDS}")
+
+
+def check_special_ids(tokenizer) -> None:
+    """Refuse a tokenizer whose BOS/EOS ids are not the fixed ones every stage assumes."""
+    for name, expected in (("bos", BOS_ID), ("eos", EOS_ID)):
+        got = getattr(tokenizer, f"{name}_token_id", expected)
+        if got != expected:
+            raise ValueError(f"the tokenizer's {name.upper()} id is {got}, expected {expected}; "
+                             "train it with mlclt_utils.tokenizer.train_tokenizer")
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens), with the fast tokenizer's batch encoder."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # the Rust tokenizer
+    encs = backend.encode_batch(list(texts), add_special_tokens=False)
+    return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
 
 def train_tokenizer(corpus: Corpus, tok_cfg: Mapping[str, Any], seed: int,
@@ -128,54 +151,6 @@ def load_tokenizer(folder):
     tok = AutoTokenizer.from_pretrained(str(folder))
     _check_ids(tok)
     return tok
-
-
-# --------------------------------------------------------------------------------------
-# Stage
-# --------------------------------------------------------------------------------------
-
-def tokenizer_config(preset: Mapping[str, Any]) -> dict:
-    return {**preset["tokenizer"], "seed": preset["seed"],
-            "model_max_length": preset["models"]["n_ctx"]}
-
-
-def tokenizer_folder(run: str, root=None) -> Path:
-    """The folder to give ``AutoTokenizer.from_pretrained`` or circuit-tracer."""
-    return Stage(run, "tokenizer", root).path
-
-
-def build_tokenizer_stage(preset: Mapping[str, Any], run: str, root=None) -> Stage:
-    """Stage ``tokenizer``: a Hugging Face tokenizer folder plus ``fertility.csv`` (on the
-    parallel set when the corpus has one, else on the test split). Skipped when up to date."""
-    cfg = tokenizer_config(preset)
-    _check_tok_cfg(cfg)
-    stage = Stage(run, "tokenizer", root)
-    corpus_stage = Stage(run, "corpus", root)
-    corpus_stage.require(corpus_config(preset))
-    if stage.matches(cfg):
-        return stage
-    t0 = time.perf_counter()
-    corpus = load_corpus_stage(run, root)
-    t1 = time.perf_counter()
-    tok = train_tokenizer(corpus, cfg, cfg["seed"], cfg["model_max_length"])
-    t2 = time.perf_counter()
-    stage.start()
-    save_tokenizer(tok, stage.path)
-    if corpus.has_parallel:
-        texts = {lang: corpus.parallel[lang] for lang in corpus.languages}
-    else:
-        texts = {lang: corpus.texts[lang]["test"] for lang in corpus.languages}
-    fertility_table(tok, texts).to_csv(stage.file("fertility.csv"))
-    stage.finish(cfg, inputs=[corpus_stage],
-                 timings={"load_s": t1 - t0, "train_s": t2 - t1, "write_s": time.perf_counter() - t2},
-                 vocab_size=len(tok))
-    return stage
-
-
-def load_tokenizer_stage(run: str, root=None):
-    stage = Stage(run, "tokenizer", root)
-    stage.require()
-    return load_tokenizer(stage.path)
 
 
 # --------------------------------------------------------------------------------------
@@ -256,6 +231,6 @@ def fertility_table(tokenizer, texts_by_lang: Mapping[str, list[str]], reference
 
 __all__ = [
     "SPECIAL_TOKENS", "SPECIAL_IDS", "training_sample", "train_tokenizer", "wrap_tokenizer",
-    "save_tokenizer", "load_tokenizer", "tokenizer_config", "tokenizer_folder",
-    "build_tokenizer_stage", "load_tokenizer_stage", "fertility_table",
+    "save_tokenizer", "load_tokenizer", "fertility_table", "encode_texts", "check_special_ids",
+    "PAD_ID", "UNK_ID", "SEP_ID", "BOS_ID", "EOS_ID", "MIN_VOCAB_SIZE",
 ]

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from mlclt_utils.artifacts import Stage
 from mlclt_utils.clt import evaluate as ev
-from mlclt_utils.clt.formats import save_clt
+from mlclt_utils.features.examples import _decode, top_activating_examples
 
 from test_clt_formats import BOS, CTX, D, F, L, V, tiny_clt, tiny_model
 
@@ -148,7 +147,7 @@ def test_top_activating_examples():
         acts = ev.encode_layer(clt, cache[f"blocks.{layer}.ln2.hook_normalized"], layer)
     acts[:, 0] = 0
     feature = int(acts.gt(0).sum((0, 1)).argmax())
-    df = ev.top_activating_examples(model, clt, sets, layer, feature, k=3, batch_size=3)
+    df = top_activating_examples(model, clt, sets, layer, feature, k=3, batch_size=3)
     en = df[df["language"] == "en"]
     assert len(en) == 3 and set(df["language"]) <= {"en", "de"}
     assert df["activation"].is_monotonic_decreasing
@@ -156,12 +155,12 @@ def test_top_activating_examples():
     row, pos = int(en["row"].iloc[0]), int(en["position"].iloc[0])
     assert float(acts[row, pos, feature]) == pytest.approx(en["activation"].iloc[0])
     assert pos > 0 and "[[" in en["context"].iloc[0]
-    overall = ev.top_activating_examples(model, clt, sets, layer, feature, k=2, per_language=False)
+    overall = top_activating_examples(model, clt, sets, layer, feature, k=2, per_language=False)
     assert len(overall) == 2
 
 
 def test_top_activating_examples_skip_padding_and_show_whole_rows():
-    from mlclt_utils.corpus import PAD_ID
+    from mlclt_utils.tokenizer import PAD_ID
 
     model, clt = tiny_model(), tiny_clt()
     rows = eval_tokens(4, seed=3)
@@ -172,42 +171,27 @@ def test_top_activating_examples_skip_padding_and_show_whole_rows():
         acts = ev.encode_layer(clt, cache[f"blocks.{layer}.ln2.hook_normalized"], layer)
     feature = int(acts[:, CTX // 2:].gt(0).sum((0, 1)).argmax())   # one that fires on padding
     assert acts[:, CTX // 2:, feature].max() > 0
-    df = ev.top_activating_examples(model, clt, {"en": rows}, layer, feature, k=50,
+    df = top_activating_examples(model, clt, {"en": rows}, layer, feature, k=50,
                                     window=None, after=None)
     assert (df["position"] < CTX // 2).all() and (df["position"] > 0).all()
     top = df.iloc[0]
     ids, pos = rows[int(top["row"])].tolist(), int(top["position"])
-    whole = f"{ev._decode(model, ids[1:pos])}[[{ev._decode(model, [ids[pos]])}]]{ev._decode(model, ids[pos + 1:CTX // 2])}"
+    whole = f"{_decode(model, ids[1:pos])}[[{_decode(model, [ids[pos]])}]]{_decode(model, ids[pos + 1:CTX // 2])}"
     assert top["context"] == whole             # the whole row but BOS and padding
 
 
 # ------------------------------------------------------------ the stage -----------------
 
-def test_evaluate_clt_stage_writes_its_own_stage(tmp_path, monkeypatch):
-    import mlclt_utils.corpus as corpus
-    import mlclt_utils.models as models
+def test_evaluation_stage_of_the_micro_chain(micro_chain, micro):
+    from conftest import RUN
+    from mlclt_utils.stages import load, stage
 
-    run, name = "t", "s-en50"
-    model, clt = tiny_model(), tiny_clt()
-    clt_stage = Stage(run, f"clt/{name}", tmp_path)
-    clt_stage.start()
-    save_clt(clt, clt_stage.path)
-    clt_stage.finish({"eval_tokens": 2 * CTX})
-    model_stage = Stage(run, f"models/{name}", tmp_path)
-    model_stage.start()
-    model_stage.finish({"model": name})
-    sets = {"en": eval_tokens(4, seed=1), "fr": eval_tokens(4, seed=2)}
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: model)
-    monkeypatch.setattr(corpus, "load_data_stage", lambda *a, **k: {"validation": sets, "test": sets})
-
-    out = ev.evaluate_clt_stage(run, name, root=tmp_path, batch_size=2)
-    stage = Stage(run, f"clt_eval/{name}", tmp_path)
-    manifest = stage.require()
-    assert set(manifest["inputs"]) == {f"clt/{name}", f"models/{name}"}
-    assert stage.file("metrics_layers.csv").exists() and stage.file("metrics_languages.csv").exists()
+    st = stage("clt_eval", RUN, "s-en50", micro_chain)
+    assert set(st.manifest()["inputs"]) == {"clt/s-en50", "models/s-en50", "data/en50"}
+    out = load("clt_eval", micro, RUN, "s-en50", micro_chain)
     layers, langs = out["layers"], out["languages"]
-    assert set(layers["language"]) == {"en", "fr", "all"} and len(layers) == 3 * L
-    assert langs["n_tokens"].tolist() == [2 * (CTX - 2), 2 * (CTX - 2), 4 * (CTX - 2)]  # eval_tokens
+    n_layers = micro["models"]["sizes"]["s"]["n_layers"]
+    assert set(layers["language"]) == {"en", "fr", "all"} and len(layers) == 3 * n_layers
+    assert list(langs["language"]) == ["en", "fr", "all"]
     assert langs["ce_recovered"].notna().all() and math.isfinite(langs["kl"].iloc[-1])
-    again = ev.evaluate_clt_stage(run, name, root=tmp_path, batch_size=2)   # read back
-    assert again["languages"]["kl"].tolist() == pytest.approx(langs["kl"].tolist())
+    assert layers["fvu"].map(math.isfinite).all() and (layers["l0"] >= 0).all()

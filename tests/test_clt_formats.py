@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mlclt_utils.clt.formats import (build_replacement_model, load_clt, load_featflow_clt,
-                                     save_clt, save_featflow_clt, to_circuit_tracer,
+from mlclt_utils.clt.formats import (load_clt, load_featflow_clt, save_clt, save_featflow_clt,
                                      triangle_pairs)
+from mlclt_utils.graphs.circuit_tracer import build_replacement_model, to_circuit_tracer
 from mlclt_utils.clt.model import CLTConfig, CrossLayerTranscoder
 
 L, D, F, V, CTX = 3, 16, 24, 40, 10
@@ -109,6 +109,80 @@ def test_featflow_ln_affine_is_folded_into_the_encoder(tmp_path):
     b = torch.stack([b.ln2.b.detach() for b in model.blocks])
     torch.testing.assert_close(folded.pre_activations(x_norm), plain.pre_activations(x_norm * w + b),
                                rtol=1e-5, atol=1e-5)
+
+
+def _folded_models():
+    """Two models whose ln2 has no gain or bias: one processed as
+    ``HookedTransformer.from_pretrained`` does by default, one built with LNPre."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    processed = tiny_model()
+    processed.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    cfg = HookedTransformerConfig(n_layers=L, d_model=D, n_heads=2, d_head=D // 2, d_mlp=32,
+                                  n_ctx=CTX, d_vocab=V, act_fn="gelu_new",
+                                  normalization_type="LNPre", seed=0, device="cpu")
+    return {"processed": processed, "lnpre": HookedTransformer(cfg).eval()}
+
+
+@pytest.mark.parametrize("convention", ["ln2", "resid_mid"])
+@pytest.mark.parametrize("which", ["processed", "lnpre"])
+def test_featflow_loader_refuses_models_with_folded_layer_norms(tmp_path, convention, which):
+    model = _folded_models()[which]
+    assert type(model.blocks[0].ln2).__name__ == "LayerNormPre"
+    save_featflow_clt(tiny_clt(), tmp_path)
+    with pytest.raises(ValueError, match="from_pretrained_no_processing"):
+        load_featflow_clt(tmp_path, model=model, input_convention=convention)
+    # hook_normalized is the same with or without folding: that convention loads
+    clt = load_featflow_clt(tmp_path, model=model, input_convention="ln2_normalized")
+    assert clt.cfg.input_hook == "ln2.hook_normalized"
+    with pytest.raises(ValueError, match="input_convention"):
+        load_featflow_clt(tmp_path, model=model, input_convention="ln1")
+
+
+def _linear_mlp_featflow_clt(model, folder, s_in=0.7, s_out=1.3):
+    """A featflow-layout per-layer CLT, reading ln2's output after gain and bias, that
+    reproduces the MLPs of ``model`` once they are made linear (2d features per layer:
+    +/- each input direction, decoders the MLP's linear map)."""
+    from safetensors.torch import save_file
+
+    eye = torch.eye(D)
+    W_enc, W_dec, b_dec = [], [], []
+    for block in model.blocks:
+        block.mlp.act_fn = lambda t: t
+        mlp = block.mlp
+        M = (mlp.W_in @ mlp.W_out).detach()
+        c = (mlp.b_in @ mlp.W_out + mlp.b_out).detach()
+        W_enc.append(torch.cat([eye, -eye], dim=1))
+        W_dec.append(torch.cat([M, -M]) * s_out / s_in)
+        b_dec.append(c * s_out)
+    save_file({"W_enc": torch.stack(W_enc), "b_enc": torch.zeros(L, 2 * D),
+               "W_dec": torch.stack(W_dec), "b_dec": torch.stack(b_dec),
+               "log_threshold": torch.full((L, 2 * D), -30.0),
+               "estimated_norm_scaling_factor_in": torch.full((L,), s_in),
+               "estimated_norm_scaling_factor_out": torch.full((L,), s_out)},
+              str(folder / "clt_weights.safetensors"))
+    (folder / "clt_cfg.json").write_text('{"cross_layer_decoders": false}')
+
+
+def test_featflow_loader_checks_fidelity_and_warns_on_a_wrong_input_convention(tmp_path):
+    import warnings
+
+    model = tiny_model()
+    _linear_mlp_featflow_clt(model, tmp_path)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(4, V, (12, CTX), generator=g)
+    tokens[:, 0] = BOS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # the right convention: no warning
+        right = load_featflow_clt(tmp_path, model=model, input_convention="ln2",
+                                  check_tokens=tokens, check_batches=2, check_batch_size=4)
+    assert max(right.fidelity["fvu"]) < 1e-6 and right.fidelity["n_tokens"] == 8 * (CTX - 1)
+    with pytest.warns(UserWarning, match="input_convention='resid_mid'"):
+        wrong = load_featflow_clt(tmp_path, model=model, input_convention="resid_mid",
+                                  check_tokens=tokens)
+    assert wrong.cfg.input_hook == "hook_resid_mid" and max(wrong.fidelity["fvu"]) > 0.5
+    with pytest.raises(ValueError, match="check_tokens needs the model"):
+        load_featflow_clt(tmp_path, check_tokens=tokens)
 
 
 def _dense_ct_reconstruction(ct, acts):

@@ -122,28 +122,74 @@ def test_linear_mlp_is_reconstructed_exactly():
     assert out["fvu"].max() < 1e-9
 
 
+def _reference_loss(clt, x, y, lam, tanh_c, preact_coeff):
+    """The JumpReLU CLT loss written out in plain torch, independently of the module.
+
+    a = h * 1[h > theta] in value; the two-sided straight-through estimator is built from
+    detached masks: a = h * fired + K * (theta0 / eps) * (theta0 - theta) with theta0 =
+    theta detached and K = 1[|h - theta| < eps / 2], whose second term is 0 in value and
+    has d/dtheta = -(theta / eps) K on both sides of theta, fired or not."""
+    cfg = clt.cfg
+    L, d, eps = cfg.n_layers, cfg.d_model, cfg.bandwidth
+    n = x.shape[0]
+    xt = x * clt.input_scale[:, None]
+    yt = y * clt.output_scale[:, None]
+    theta = clt.log_threshold.exp()
+    h = torch.einsum("nld,ldf->nlf", xt, clt.W_enc) + clt.b_enc
+    theta0 = theta.detach()
+    fired = (h > theta0).to(h.dtype).detach()
+    kernel = ((h - theta0).abs() < eps / 2).to(h.dtype).detach()
+    a = h * fired + kernel * (theta0 / eps) * (theta0 - theta)
+    outs = [clt.b_dec[k].expand(n, d) for k in range(L)]
+    for l in range(L):
+        for j, k in enumerate(clt.target_layers(l)):
+            outs[k] = outs[k] + a[:, l] @ clt.W_dec[l][:, j, :]
+    y_hat = torch.stack(outs, dim=1)
+    norms = torch.stack([W.pow(2).sum((1, 2)).sqrt() for W in clt.W_dec])
+    mse = (y_hat - yt).pow(2).sum(-1).mean(0).sum()
+    sparsity = torch.tanh(tanh_c * a * norms).sum() / n
+    preact = (torch.relu(theta - h) * norms).sum() / n
+    return {"total": mse + lam * sparsity + preact_coeff * preact, "mse": mse,
+            "sparsity": sparsity, "preact": preact, "h": h.detach(), "theta": theta0}
+
+
 @pytest.mark.parametrize("cross", [True, False])
-@pytest.mark.parametrize("thresholds", [(0.0, 0.0), (1.0, 1.0), (1.0, 0.0)],
-                         ids=["dense-mode", "sparse-mode", "sparse-mode-dense-decoders"])
-def test_sparse_path_equals_dense_path(monkeypatch, cross, thresholds):
-    """The fast JumpReLU path (in each of its modes) against plain autograd."""
+@pytest.mark.parametrize("thresholds", [(0.0, 0.0), (1.0, 1.0), (1.0, 0.0), (1.0, None)],
+                         ids=["dense-mode", "sparse-mode", "sparse-mode-dense-decoders",
+                              "sparse-mode-dense-window-decoders"])
+def test_fast_and_autograd_paths_equal_an_independent_two_sided_reference(monkeypatch, cross,
+                                                                         thresholds):
+    """Every JumpReLU path (plain autograd, the fused dense mode, the sparse mode with sparse
+    or dense decoder products) gives the values and gradients of ``_reference_loss``,
+    including the threshold gradient from positions in the window below theta."""
     monkeypatch.setattr(clt_model, "DENSE_ABOVE", thresholds[0])
-    monkeypatch.setattr(clt_model, "DECODER_DENSE_ABOVE", thresholds[1])
-    clt = _clt(L=3, d=8, F=24, cross_layer=cross, threshold_init=0.5)
+    clt = _clt(L=3, d=8, F=24, cross_layer=cross, threshold_init=0.5, bandwidth=0.9)
     x, y = _data()
     clt.set_scales_from(x, y)
-    results = []
+    kw = dict(lam=0.7, tanh_c=4.0, preact_coeff=0.3)
+    clt.zero_grad()
+    ref = _reference_loss(clt, x, y, **kw)
+    ref["total"].backward()
+    g_ref = {n: p.grad.clone() for n, p in clt.named_parameters()}
+    h, theta = ref["h"], ref["theta"]
+    active = (h > theta).double().mean((0, 2))                       # per layer
+    below = ((h <= theta) & (h > theta - 0.45)).double().mean((0, 2))
+    assert active.min() > 0.05 and below.min() > 0.05                # both sides occur
+    decoder = thresholds[1]
+    if decoder is None:                   # window pairs decoded densely, active ones not
+        decoder = float(active.max() + below.min()) / 2
+        assert active.max() < decoder < below.min()
+    monkeypatch.setattr(clt_model, "DECODER_DENSE_ABOVE", decoder)
     for sparse in (False, True):
         clt.zero_grad()
-        out = clt.loss(x, y, 0.7, tanh_c=4.0, preact_coeff=0.3, sparse=sparse)
+        out = clt.loss(x, y, kw["lam"], tanh_c=kw["tanh_c"], preact_coeff=kw["preact_coeff"],
+                       sparse=sparse)
         out["total"].backward()
-        results.append((out, {n: p.grad.clone() for n, p in clt.named_parameters()}))
-    (dense, g_dense), (sparse, g_sparse) = results
-    assert 1 < dense["l0"] < 20                                    # some, not all, features fire
-    for key in ("total", "mse", "sparsity", "preact", "l0", "fvu", "fire_counts"):
-        assert torch.allclose(dense[key].double(), sparse[key].double(), rtol=1e-10, atol=1e-12), key
-    for name in g_dense:
-        assert torch.allclose(g_dense[name], g_sparse[name], rtol=1e-9, atol=1e-12), name
+        for key in ("total", "mse", "sparsity", "preact"):
+            assert torch.allclose(out[key], ref[key], rtol=1e-10, atol=1e-12), (sparse, key)
+        assert torch.equal(out["fire_counts"], (h > theta).sum(0))
+        for name, p in clt.named_parameters():
+            assert torch.allclose(p.grad, g_ref[name], rtol=1e-9, atol=1e-12), (sparse, name)
 
 
 def test_sparse_path_float32_matches_dense():
@@ -176,14 +222,18 @@ def test_threshold_gradient_matches_finite_difference_of_smoothed_loss(monkeypat
     The construction makes the two equal up to O(eps / theta): theta = 1, eps = 1e-3;
     features 0-3 have pre-activations just below the top of the kernel window
     (h = theta + eps/2 - 1e-6, so they are active and the smoothed step is 1 - 1e-3),
-    features 4-5 are far above theta and features 6-7 far below (where only the
-    pre-activation term depends on theta). The smoothed loss then has d/dtheta =
-    -(h/eps) * dL/da at window positions, the STE gives -(theta/eps) * dL/da."""
-    eps, L, d, F = 1e-3, 2, 4, 8
+    features 4-5 just above its bottom (h = theta - eps/2 + 1e-6: they do not fire, the
+    smoothed step is 1e-3), features 6-7 are far above theta and features 8-9 far below
+    (where only the pre-activation term depends on theta). The smoothed loss then has
+    d/dtheta = -(h/eps) * dL/da at window positions on both sides, the STE gives
+    -(theta/eps) * dL/da."""
+    eps, L, d, F = 1e-3, 2, 4, 10
     clt = _clt(L=L, d=d, F=F, bandwidth=eps, threshold_init=1.0)
     x, y = _data(n=32, L=L, d=d)
+    y = y + 2.0     # a mean far from the reconstruction: dL/da does not cancel over tokens
     clt.set_scales_from(x, y)
-    levels = torch.tensor([1 + eps / 2 - 1e-6] * 4 + [2.0] * 2 + [0.2] * 2, dtype=torch.float64)
+    levels = torch.tensor([1 + eps / 2 - 1e-6] * 4 + [1 - eps / 2 + 1e-6] * 2 + [2.0] * 2 + [0.2] * 2,
+                          dtype=torch.float64)
     with torch.no_grad():
         clt.W_enc.mul_(1e-9)                 # tiny per-token variation, inside the window
         clt.b_enc.copy_(levels.expand(L, F))
@@ -206,9 +256,9 @@ def test_threshold_gradient_matches_finite_difference_of_smoothed_loss(monkeypat
                     vals.append(clt.loss(x, y, sparse=False, **kw)["total"])
                     clt.log_threshold[l, f] -= sign * step
                 fd[l, f] = (vals[0] - vals[1]) / (2 * step)
-    assert ste[:, :4].abs().min() > 1.0                    # the window term is large
-    assert ste[:, 4:6].abs().max() == 0                    # far above: no gradient
-    assert ste[:, 6:].abs().min() > 0                      # far below: pre-activation term
+    assert ste[:, :6].abs().min() > 1.0                    # the window term, both sides
+    assert ste[:, 6:8].abs().max() == 0                    # far above: no gradient
+    assert ste[:, 8:].abs().min() > 0                      # far below: pre-activation term
     assert torch.allclose(ste, fd, rtol=5e-3, atol=1e-6)
 
 

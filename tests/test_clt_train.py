@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlclt_utils.artifacts import Stage, read_json
 from mlclt_utils.clt.activations import ActivationBuffer, TensorSource, collect_mlp_io
 from mlclt_utils.clt.model import CLTConfig, CrossLayerTranscoder
-from mlclt_utils.clt.train import (build_clt_stage, checkpoint_steps, lambda_at, load_clt_stage,
-                                   train_clt)
+from mlclt_utils.artifacts import Stage
+from mlclt_utils.clt.train import checkpoint_steps, lambda_at, train_clt
 from mlclt_utils.presets import load_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,50 +214,3 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     train_clt(clt, TensorSource(x, y, 256, seed=2), n_tokens, cfg, progress=False)
     for name, a in clt.state_dict().items():
         assert torch.allclose(a, two[name], rtol=1e-9, atol=1e-11), name
-
-
-# ------------------------------------------------------------------ stage -----------
-
-def test_stage_builds_resumes_skips_and_loads(tiny_model, tokens, tmp_path, monkeypatch):
-    import mlclt_utils.clt.train as train_mod
-    import mlclt_utils.corpus as corpus
-    import mlclt_utils.models as models
-
-    calls = []
-    monkeypatch.setattr(models, "load_model", lambda run, name, step=None, root=None, device="cpu":
-                        calls.append(name) or tiny_model)
-    monkeypatch.setattr(corpus, "load_data_stage", lambda run, share, root=None:
-                        {"train": {"tokens": tokens, "language": torch.zeros(30, dtype=torch.long)}})
-    preset = load_preset("tiny", {"clt.features_per_layer": 32, "clt.train_tokens": 2048,
-                                  "clt.batch_tokens": 128, "clt.buffer_tokens": 512,
-                                  "clt.n_checkpoints": 2})
-    root = tmp_path / "art"
-    stage = build_clt_stage(preset, "r", "s-en50", root=root, progress=False, max_steps_this_call=5)
-    assert stage.name == "clt/s-en50" and not stage.is_complete()
-    assert stage.file("resume.pt").exists()
-    stage = build_clt_stage(preset, "r", "s-en50", root=root, progress=False)
-    assert stage.is_complete() and not stage.file("resume.pt").exists()
-    manifest = read_json(stage.manifest_path)
-    assert manifest["summary"]["resumed_from"] == 5 and manifest["summary"]["step"] == 16
-    clt = load_clt_stage("r", "s-en50", root=root)
-    assert clt.cfg.d_features == 32 and clt.cfg.n_layers == 2
-
-    # the same config is not trained again
-    monkeypatch.setattr(train_mod, "train_clt", lambda *a, **k: pytest.fail("retrained"))
-    build_clt_stage(preset, "r", "s-en50", root=root, progress=False)
-    monkeypatch.undo()
-
-    # uninterrupted build in another root gives the same CLT
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: tiny_model)
-    monkeypatch.setattr(corpus, "load_data_stage", lambda run, share, root=None:
-                        ({"tokens": tokens, "language": torch.zeros(30, dtype=torch.long)}, {}, {}))
-    build_clt_stage(preset, "r", "s-en50", root=tmp_path / "other", progress=False)
-    again = load_clt_stage("r", "s-en50", root=tmp_path / "other")
-    for (name, a), (_, b) in zip(clt.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), name
-
-    # per-layer transcoder: its own stage
-    plt_stage = build_clt_stage(preset, "r", "s-en50", root=root, progress=False, cross_layer=False)
-    assert plt_stage.name == "plt/s-en50" and plt_stage.is_complete()
-    plt = load_clt_stage("r", "s-en50", root=root, cross_layer=False)
-    assert not plt.cfg.cross_layer and all(W.shape[1] == 1 for W in plt.W_dec)

@@ -2,16 +2,16 @@
 
 import json
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from mlclt_utils import corpus as C
-from mlclt_utils.artifacts import ManifestMismatch, Stage
+from mlclt_utils import tokenizer as T
+from mlclt_utils.data import corpus as C
+from mlclt_utils.data import datasets as D
 from mlclt_utils.presets import PAPER_LANGUAGES, TEST_BOOKS, VALIDATION_BOOKS, load_preset
-from mlclt_utils.tokenizer import build_tokenizer_stage, train_tokenizer
+from mlclt_utils.tokenizer import train_tokenizer
 
 LANGS = ["en", "fr", "zh"]
 
@@ -195,35 +195,35 @@ def test_hf_source_local(tmp_path):
 # ------------------------------------------------------------------------------ mixtures
 
 def test_mixture_budgets():
-    b = C.mixture_budgets(PAPER_LANGUAGES, 0.5, 1001)
+    b = D.mixture_budgets(PAPER_LANGUAGES, 0.5, 1001)
     assert sum(b.values()) == 1001 and b["en"] == 500
     assert max(b[x] for x in "fr de ar zh".split()) - min(b[x] for x in "fr de ar zh".split()) <= 1
-    b0 = C.mixture_budgets(PAPER_LANGUAGES, 0.0, 1000)
+    b0 = D.mixture_budgets(PAPER_LANGUAGES, 0.0, 1000)
     assert b0["en"] == 0 and sum(b0.values()) == 1000
-    b1 = C.mixture_budgets(PAPER_LANGUAGES, 1.0, 1000)
+    b1 = D.mixture_budgets(PAPER_LANGUAGES, 1.0, 1000)
     assert b1 == {"en": 1000, "fr": 0, "de": 0, "ar": 0, "zh": 0}
-    bw = C.mixture_budgets(["en", "fr", "de"], 0.2, 1000, weights={"fr": 3, "de": 1})
+    bw = D.mixture_budgets(["en", "fr", "de"], 0.2, 1000, weights={"fr": 3, "de": 1})
     assert bw == {"en": 200, "fr": 600, "de": 200}
-    assert C.mixture_budgets(["fr", "de"], 0.0, 7) in ({"fr": 4, "de": 3}, {"fr": 3, "de": 4})
+    assert D.mixture_budgets(["fr", "de"], 0.0, 7) in ({"fr": 4, "de": 3}, {"fr": 3, "de": 4})
     with pytest.raises(ValueError, match="1.5"):
-        C.mixture_budgets(PAPER_LANGUAGES, 1.5, 1000)
+        D.mixture_budgets(PAPER_LANGUAGES, 1.5, 1000)
     with pytest.raises(ValueError, match="-0.1"):
-        C.mixture_budgets(PAPER_LANGUAGES, -0.1, 1000)
+        D.mixture_budgets(PAPER_LANGUAGES, -0.1, 1000)
     with pytest.raises(ValueError, match="'en'"):
-        C.mixture_budgets(["fr", "de"], 0.5, 1000)
+        D.mixture_budgets(["fr", "de"], 0.5, 1000)
     with pytest.raises(ValueError, match="ar"):
-        C.mixture_budgets(["en", "fr", "ar"], 0.5, 1000, weights={"fr": 1})
+        D.mixture_budgets(["en", "fr", "ar"], 0.5, 1000, weights={"fr": 1})
 
 
 # ------------------------------------------------------------------------- token data sets
 
 def test_mixture_dataset(bible, tok):
     n_ctx, total = 32, 16_000
-    data, report = C.build_mixture_dataset(bible, tok, 0.5, total, n_ctx, seed=1)
+    data, report = D.build_mixture_dataset(bible, tok, 0.5, total, n_ctx, seed=1)
     tokens, language = data["tokens"], data["language"]
     assert tokens.dtype == torch.int64 and tokens.shape == (total // n_ctx, n_ctx)
-    assert (tokens[:, 0] == C.BOS_ID).all() and not (tokens[:, 1:] == C.BOS_ID).any()
-    budgets = C.mixture_budgets(LANGS, 0.5, total // n_ctx)
+    assert (tokens[:, 0] == T.BOS_ID).all() and not (tokens[:, 1:] == T.BOS_ID).any()
+    budgets = D.mixture_budgets(LANGS, 0.5, total // n_ctx)
     for li, lang in enumerate(LANGS):
         rows = int((language == li).sum())
         assert rows == budgets[lang] == report[lang]["sequences"]
@@ -238,8 +238,8 @@ def test_mixture_dataset(bible, tok):
         lang = LANGS[int(language[row])]
         body = tokens[row, 1:].tolist()
         pieces, cur = [], []
-        for t in body + [C.EOS_ID]:
-            if t == C.EOS_ID:
+        for t in body + [T.EOS_ID]:
+            if t == T.EOS_ID:
                 pieces.append(cur)
                 cur = []
             else:
@@ -250,83 +250,56 @@ def test_mixture_dataset(bible, tok):
                 assert text in joined[lang], (lang, text)
                 checked += 1
     assert checked >= 40
-    again, _ = C.build_mixture_dataset(bible, tok, 0.5, total, n_ctx, seed=1)
+    again, _ = D.build_mixture_dataset(bible, tok, 0.5, total, n_ctx, seed=1)
     assert torch.equal(again["tokens"], tokens) and torch.equal(again["language"], language)
-    other, _ = C.build_mixture_dataset(bible, tok, 0.5, total, n_ctx, seed=2)
+    other, _ = D.build_mixture_dataset(bible, tok, 0.5, total, n_ctx, seed=2)
     assert not torch.equal(other["tokens"], tokens)
 
 
 def test_mixture_dataset_cycles_small_data(small_bible, tok):
-    data, report = C.build_mixture_dataset(small_bible, tok, 0.9, 40_000, 64, seed=0)
+    data, report = D.build_mixture_dataset(small_bible, tok, 0.9, 40_000, 64, seed=0)
     assert report["en"]["epochs"] > 1.0 and report["en"]["documents"] == 4
     assert report["en"]["realised_tokens"] == report["en"]["budget_tokens"]
     assert int((data["language"] == 0).sum()) * 64 == report["en"]["realised_tokens"]
-    zero, rep0 = C.build_mixture_dataset(small_bible, tok, 0.0, 8_000, 64, seed=0)
+    zero, rep0 = D.build_mixture_dataset(small_bible, tok, 0.0, 8_000, 64, seed=0)
     assert rep0["en"]["realised_tokens"] == 0 and not (zero["language"] == 0).any()
 
 
 def test_eval_dataset(bible, tok):
-    ev = C.build_eval_dataset(bible, tok, "validation", 32, 1000)
+    ev = D.build_eval_dataset(bible, tok, "validation", 32, 1000)
     assert set(ev) == set(LANGS)
     for lang, t in ev.items():
-        assert t.shape == (1000 // 32, 32) and t.dtype == torch.int64 and (t[:, 0] == C.BOS_ID).all()
-    assert torch.equal(ev["en"], C.build_eval_dataset(bible, tok, "validation", 32, 1000)["en"])
-    big = C.build_eval_dataset(bible, tok, "test", 64, 10**9)  # more than there is: fewer rows
+        assert t.shape == (1000 // 32, 32) and t.dtype == torch.int64 and (t[:, 0] == T.BOS_ID).all()
+    assert torch.equal(ev["en"], D.build_eval_dataset(bible, tok, "validation", 32, 1000)["en"])
+    big = D.build_eval_dataset(bible, tok, "test", 64, 10**9)  # more than there is: fewer rows
     assert 0 < len(big["fr"]) < 10**9 // 64
 
 
 def test_verse_rows(bible, tok):
     verses = bible.parallel["zh"][:5] + [bible.parallel["en"][0], "Amen."]
-    rows = C.verse_rows(tok, verses, n_ctx=24)
-    assert rows.dtype == torch.int64 and (rows[:, 0] == C.BOS_ID).all() and rows.shape[1] <= 24
+    rows = D.verse_rows(tok, verses, n_ctx=24)
+    assert rows.dtype == torch.int64 and (rows[:, 0] == T.BOS_ID).all() and rows.shape[1] <= 24
     for verse, row in zip(verses, rows):
-        ids = row[1:][row[1:] != C.PAD_ID].tolist()
-        assert ids == C.encode_texts(tok, [verse])[0][:23].tolist()   # cut, never shifted
-    assert (rows == C.PAD_ID).any()                                       # shorter rows padded
+        ids = row[1:][row[1:] != T.PAD_ID].tolist()
+        assert ids == T.encode_texts(tok, [verse])[0][:23].tolist()   # cut, never shifted
+    assert (rows == T.PAD_ID).any()                                       # shorter rows padded
     with pytest.raises(ValueError, match="n_ctx"):
-        C.verse_rows(tok, verses, n_ctx=1)
-
+        D.verse_rows(tok, verses, n_ctx=1)
 
 # --------------------------------------------------------------------------------- stages
 
-def test_stages_skip_and_refuse(tmp_path):
-    over = {"corpus.languages": ["en", "fr"], "corpus.max_documents_per_language": 30,
-            "tokenizer.vocab_size": 400, "tokenizer.sample_chars_per_language": 20_000,
-            "training.tokens": 12_800, "training.eval_tokens_per_language": 512,
-            "mixtures.english_shares": [0.5]}
-    preset = load_preset("tiny", over)
-    t0 = time.perf_counter()
-    corpus_stage = C.build_corpus_stage(preset, "r", tmp_path)
-    tok_stage = build_tokenizer_stage(preset, "r", tmp_path)
-    data_stage = C.build_data_stage(preset, "r", 0.5, tmp_path)
-    assert time.perf_counter() - t0 < 30
+def test_corpus_and_data_stages_hold_what_the_chapters_read(micro_chain, micro):
+    from conftest import RUN
+    from mlclt_utils.stages import load, stage
+
+    corpus_stage = stage("corpus", RUN, None, micro_chain)
     for name in ("texts.json", "ids.json", "parallel.json", "summary.csv", "manifest.json"):
         assert corpus_stage.file(name).exists()
-    for name in ("train.safetensors", "validation.safetensors", "test.safetensors", "report.json"):
-        assert data_stage.file(name).exists()
-    assert data_stage.name == "data/en50"
-    loaded = C.load_corpus_stage("r", tmp_path)
+    loaded = load("corpus", micro, RUN, None, micro_chain)
     assert loaded.languages == ["en", "fr"] and loaded.has_parallel
-    data = C.load_data_stage("r", 0.5, tmp_path)
+    data = load("data", micro, RUN, "en50", micro_chain)
+    n_ctx, tokens = micro["models"]["n_ctx"], micro["training"]["tokens"]
     assert data["train"]["tokens"].dtype == torch.int64
-    assert data["train"]["tokens"].shape == (12_800 // 64, 64)
-    assert set(data["validation"]) == {"en", "fr"} and data["validation"]["en"].shape[1] == 64
-
-    # a second build with the same config does nothing
-    stamps = {s.name: s.manifest_path.stat().st_mtime_ns for s in (corpus_stage, tok_stage, data_stage)}
-    C.build_corpus_stage(preset, "r", tmp_path)
-    build_tokenizer_stage(preset, "r", tmp_path)
-    C.build_data_stage(preset, "r", 0.5, tmp_path)
-    assert stamps == {s.name: s.manifest_path.stat().st_mtime_ns
-                      for s in (corpus_stage, tok_stage, data_stage)}
-
-    # rebuilding the tokenizer with another config makes the data stage stale
-    other = load_preset("tiny", {**over, "tokenizer.vocab_size": 450})
-    with pytest.raises(ManifestMismatch, match="tokenizer"):
-        C.build_data_stage(other, "r", 0.5, tmp_path)  # the tokenizer stage is not the one asked for
-    build_tokenizer_stage(other, "r", tmp_path)
-    with pytest.raises(ManifestMismatch, match="tokenizer"):
-        C.load_data_stage("r", 0.5, tmp_path)
-    assert not Stage("r", "data/en50", tmp_path).matches(C.data_config(other, 0.5))
-    C.build_data_stage(other, "r", 0.5, tmp_path)
-    assert C.load_data_stage("r", 0.5, tmp_path)["train"]["tokens"].max() < 450
+    assert data["train"]["tokens"].shape == (tokens // n_ctx, n_ctx)
+    assert set(data["validation"]) == {"en", "fr"} and data["validation"]["en"].shape[1] == n_ctx
+    assert data["train"]["tokens"].max() < micro["tokenizer"]["vocab_size"]

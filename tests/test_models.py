@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlclt_utils import models
+from mlclt_utils import tokenizer as T
 from mlclt_utils.artifacts import Stage, load_tensors
+from mlclt_utils.models import config as mconfig
+from mlclt_utils.models import load as mload
+from mlclt_utils.models import train as mtrain
 from mlclt_utils.presets import load_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,20 +40,20 @@ def one_thread():
 def tiny_data(n_rows=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(5, VOCAB, (n_rows, N_CTX), generator=g)
-    tokens[:, 0] = models.BOS_ID
+    tokens[:, 0] = T.BOS_ID
     language = torch.randint(0, 2, (n_rows,), generator=g)
     evals = {"en": tokens[:6].clone(), "fr": tokens[6:12].clone()}
     return {"tokens": tokens, "language": language}, evals
 
 
 def tiny_cfg(seed=0):
-    return models.model_config(TINY, N_CTX, VOCAB, seed=seed)
+    return mconfig.model_config(TINY, N_CTX, VOCAB, seed=seed)
 
 
 def test_forward_backward_tiny():
-    model = models.build_model(tiny_cfg())
+    model = mconfig.build_model(tiny_cfg())
     data, _ = tiny_data()
-    loss = models.next_token_loss(model, data["tokens"][:8])
+    loss = mtrain.next_token_loss(model, data["tokens"][:8])
     assert torch.isfinite(loss)
     assert abs(loss.item() - math.log(VOCAB)) < 1.0  # near uniform at initialisation
     loss.backward()
@@ -58,18 +61,18 @@ def test_forward_backward_tiny():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     cfg = model.cfg
     assert (cfg.d_head, cfg.act_fn, cfg.normalization_type, cfg.positional_embedding_type) == \
-        (16, models.DEFAULT_ACT_FN, "LN", "standard")
+        (16, mconfig.DEFAULT_ACT_FN, "LN", "standard")
 
 
 def test_fused_training_loss_matches_plain_loss():
-    model = models.build_model(tiny_cfg())
+    model = mconfig.build_model(tiny_cfg())
     data, _ = tiny_data()
     tokens = data["tokens"][:8]
-    plain = models.next_token_loss(model, tokens)
+    plain = mtrain.next_token_loss(model, tokens)
     plain.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    fused = models.TrainingLoss(model, chunk=24)(tokens)  # chunks that do not divide the rows
+    fused = mtrain.TrainingLoss(model, chunk=24)(tokens)  # chunks that do not divide the rows
     fused.backward()
     assert abs(fused.item() - plain.item()) < 1e-5
     for n, p in model.named_parameters():
@@ -78,15 +81,15 @@ def test_fused_training_loss_matches_plain_loss():
 
 def test_config_roundtrip_and_seeded_init():
     cfg = tiny_cfg(seed=3)
-    again = models.config_from_dict(models.config_to_dict(cfg))
-    a, b = models.build_model(cfg), models.build_model(again)
+    again = mconfig.config_from_dict(mconfig.config_to_dict(cfg))
+    a, b = mconfig.build_model(cfg), mconfig.build_model(again)
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(v, w), k
 
 
 @pytest.mark.parametrize("total,n", [(1, 1), (10, 3), (100, 8), (1000, 16), (7, 20), (5000, 6)])
 def test_log_spaced_steps(total, n):
-    steps = models.log_spaced_steps(total, n)
+    steps = mtrain.log_spaced_steps(total, n)
     assert len(steps) == min(n, total)
     assert steps == sorted(set(steps))
     assert steps[0] >= 1 and steps[-1] == total
@@ -97,23 +100,23 @@ def test_log_spaced_steps(total, n):
 
 def test_log_spaced_steps_rejects_nonsense():
     with pytest.raises(ValueError):
-        models.log_spaced_steps(0, 3)
+        mtrain.log_spaced_steps(0, 3)
 
 
 def test_lr_schedule():
     lr, total = 1e-3, 100
-    sched = [models.learning_rate(s, total, lr, 0.1, 0.1) for s in range(1, total + 1)]
+    sched = [mtrain.learning_rate(s, total, lr, 0.1, 0.1) for s in range(1, total + 1)]
     assert sched[0] == pytest.approx(lr / 10)
     assert sched[9] == pytest.approx(lr)  # end of warm-up (10 steps)
     assert all(a < b for a, b in zip(sched[:9], sched[1:10]))
     assert all(a >= b for a, b in zip(sched[9:], sched[10:]))  # cosine decay
     assert sched[-1] == pytest.approx(0.1 * lr)
-    assert models.learning_rate(1, 10, lr, 0.0, 0.0) == pytest.approx(lr, rel=0.05)  # no warm-up
+    assert mtrain.learning_rate(1, 10, lr, 0.0, 0.0) == pytest.approx(lr, rel=0.05)  # no warm-up
 
 
 def test_weight_decay_only_on_matrices():
-    model = models.build_model(tiny_cfg())
-    opt = models.make_optimizer(model, 1e-3, 0.1)
+    model = mconfig.build_model(tiny_cfg())
+    opt = mtrain.make_optimizer(model, 1e-3, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert "blocks.0.attn.W_Q" in decayed and "unembed.W_U" in decayed
@@ -134,13 +137,13 @@ def _max_diff(a, b):
 def test_training_writes_files_and_metrics(tmp_path):
     data, evals = tiny_data()
     stage = Stage("r", "models/s-en50", root=tmp_path)
-    out = models.train_model(stage, tiny_cfg(), data, evals, TRAINING, seed=0, progress=False,
+    out = mtrain.train_model(stage, tiny_cfg(), data, evals, TRAINING, seed=0, progress=False,
                              languages=["en", "fr"])
     assert out["completed"] and out["step"] == 12
     files = {p.relative_to(stage.path).as_posix() for p in stage.path.rglob("*") if p.is_file()}
-    ckpts = [f"checkpoints/step_{s:07d}.safetensors" for s in models.log_spaced_steps(12, 4)]
+    ckpts = [f"checkpoints/step_{s:07d}.safetensors" for s in mtrain.log_spaced_steps(12, 4)]
     assert files == {"config.json", "metrics.jsonl", "model.safetensors", *ckpts}
-    df = models.read_metrics("r", "s-en50", root=tmp_path)
+    df = mload.read_metrics("r", "s-en50", root=tmp_path)
     assert {"step", "tokens", "train_loss", "lr", "val_loss_en", "val_loss_fr"} <= set(df.columns)
     assert df["step"].iloc[0] == 0 and df["step"].iloc[-1] == 12
     assert df["val_loss_en"].notna().all() and df["val_loss_en"].iloc[-1] < df["val_loss_en"].iloc[0]
@@ -151,21 +154,21 @@ def test_training_writes_files_and_metrics(tmp_path):
 def test_resume_gives_same_weights(tmp_path):
     data, evals = tiny_data()
     full = Stage("r", "models/full", root=tmp_path)
-    models.train_model(full, tiny_cfg(), data, evals, TRAINING, seed=0, progress=False)
+    mtrain.train_model(full, tiny_cfg(), data, evals, TRAINING, seed=0, progress=False)
 
     part = Stage("r", "models/part", root=tmp_path)
     # 12 steps: resume state is written every 2 steps and at checkpoints; stop at 5 "by a crash"
-    first = models.train_model(part, tiny_cfg(), data, evals, TRAINING, seed=0, progress=False,
+    first = mtrain.train_model(part, tiny_cfg(), data, evals, TRAINING, seed=0, progress=False,
                                stop_after_step=5)
     assert not first["completed"]
     assert part.file("resume.pt").exists() and not part.file("model.safetensors").exists()
-    second = models.train_model(part, tiny_cfg(), data, evals, TRAINING, seed=0, progress=False)
+    second = mtrain.train_model(part, tiny_cfg(), data, evals, TRAINING, seed=0, progress=False)
     assert second["completed"] and 0 < second["resumed_from"] <= 5
     assert not part.file("resume.pt").exists()
     a, b = _weights(full.file("model.safetensors")), _weights(part.file("model.safetensors"))
     assert _max_diff(a, b) <= 1e-6
-    ma = models.read_metrics("r", "full", root=tmp_path)
-    mb = models.read_metrics("r", "part", root=tmp_path)
+    ma = mload.read_metrics("r", "full", root=tmp_path)
+    mb = mload.read_metrics("r", "part", root=tmp_path)
     assert list(ma["step"]) == list(mb["step"])
     assert (ma["val_loss_en"] - mb["val_loss_en"]).abs().max() <= 1e-6
 
@@ -173,41 +176,43 @@ def test_resume_gives_same_weights(tmp_path):
 def test_resume_state_of_other_settings_is_ignored(tmp_path):
     data, evals = tiny_data()
     stage = Stage("r", "models/x", root=tmp_path)
-    models.train_model(stage, tiny_cfg(), data, evals, TRAINING, seed=0, progress=False,
+    mtrain.train_model(stage, tiny_cfg(), data, evals, TRAINING, seed=0, progress=False,
                        stop_after_step=5)
     other = dict(TRAINING, lr=1e-3)
-    out = models.train_model(stage, tiny_cfg(), data, evals, other, seed=0, progress=False)
+    out = mtrain.train_model(stage, tiny_cfg(), data, evals, other, seed=0, progress=False)
     assert out["resumed_from"] == 0
 
 
 def test_bad_inputs(tmp_path):
     data, evals = tiny_data()
     preset = load_preset("tiny")
-    with pytest.raises(ValueError, match="allowed sizes: m, s"):
-        models.stage_config(preset, "xl-en50")
-    with pytest.raises(ValueError, match="en50"):
-        models.stage_config(preset, "s-en30")
+    from mlclt_utils.stages import build
+
+    with pytest.raises(ValueError, match="'xl-en50' is not one of"):
+        build("models", preset, "r", "xl-en50", tmp_path)
+    with pytest.raises(ValueError, match="'s-en30' is not one of"):
+        build("models", preset, "r", "s-en30", tmp_path)
     with pytest.raises(ValueError, match="form"):
-        models.parse_model_name("small")
-    assert models.parse_model_name("s-en50") == ("s", 0.5)
-    assert models.parse_model_name("m-en0") == ("m", 0.0)
+        mconfig.parse_model_name("small")
+    assert mconfig.parse_model_name("s-en50") == ("s", 0.5)
+    assert mconfig.parse_model_name("m-en0") == ("m", 0.0)
     with pytest.raises(ValueError, match="lacks"):
-        models.model_config({"n_layers": 2, "d_model": 32}, N_CTX, VOCAB)
+        mconfig.model_config({"n_layers": 2, "d_model": 32}, N_CTX, VOCAB)
     with pytest.raises(ValueError, match="divisible"):
-        models.model_config(dict(TINY, n_heads=3), N_CTX, VOCAB)
+        mconfig.model_config(dict(TINY, n_heads=3), N_CTX, VOCAB)
     stage = Stage("r", "models/bad", root=tmp_path)
     wrong_ctx = {"tokens": data["tokens"][:, :8], "language": data["language"]}
     with pytest.raises(ValueError, match="n_ctx"):
-        models.train_model(stage, tiny_cfg(), wrong_ctx, evals, TRAINING, progress=False)
+        mtrain.train_model(stage, tiny_cfg(), wrong_ctx, evals, TRAINING, progress=False)
     too_big = {"tokens": data["tokens"] + VOCAB, "language": data["language"]}
     with pytest.raises(ValueError, match="vocabulary"):
-        models.train_model(stage, tiny_cfg(), too_big, evals, TRAINING, progress=False)
+        mtrain.train_model(stage, tiny_cfg(), too_big, evals, TRAINING, progress=False)
     with pytest.raises(ValueError, match="less than one batch"):
-        models.train_model(stage, tiny_cfg(), data, evals, dict(TRAINING, tokens=10), progress=False)
+        mtrain.train_model(stage, tiny_cfg(), data, evals, dict(TRAINING, tokens=10), progress=False)
     with pytest.raises(ValueError, match="lack"):
-        models.train_model(stage, tiny_cfg(), data, evals, {"tokens": 100}, progress=False)
+        mtrain.train_model(stage, tiny_cfg(), data, evals, {"tokens": 100}, progress=False)
     with pytest.raises(ValueError, match="shape"):
-        models.train_model(stage, tiny_cfg(), data, {"en": data["tokens"][:2, :4]}, TRAINING,
+        mtrain.train_model(stage, tiny_cfg(), data, {"en": data["tokens"][:2, :4]}, TRAINING,
                            progress=False)
 
 
@@ -226,72 +231,32 @@ class CharTokenizer:
         return 205
 
 
-def test_build_stage_load_and_generate(tmp_path):
-    preset = load_preset("tiny", {"models.n_ctx": N_CTX, "tokenizer.vocab_size": VOCAB,
-                                  "training.tokens": 16 * N_CTX * 6, "training.eval_every": 3})
-    calls = []
+def test_model_stage_loads_checkpoints_and_generates(micro_chain, micro):
+    from conftest import RUN
+    from mlclt_utils.stages import load
 
-    def load_data(run, share, root):
-        calls.append(share)
-        data, evals = tiny_data()
-        return data, {"validation": evals, "test": evals}, {}
-
-    stage = models.build_model_stage(preset, "r", "s-en50", root=tmp_path, load_data=load_data,
-                                     progress=False)
-    assert stage.is_complete() and calls == [0.5]
-    models.build_model_stage(preset, "r", "s-en50", root=tmp_path, load_data=load_data,
-                             progress=False)
-    assert calls == [0.5]  # already built from this config: skipped
-    steps = models.list_checkpoints("r", "s-en50", root=tmp_path)
-    assert steps[-1] == 6
-    final = models.load_model("r", "s-en50", root=tmp_path)
-    early = models.load_model("r", "s-en50", step=steps[0], root=tmp_path)
-    _, evals = tiny_data()
-    assert models.eval_loss_per_language(final, evals)["en"] < \
-        models.eval_loss_per_language(early, evals)["en"]
+    steps = mload.list_checkpoints(RUN, "s-en50", root=micro_chain)
+    assert steps[-1] == micro["training"]["tokens"] // (16 * 32)
+    final = load("models", micro, RUN, "s-en50", micro_chain)
+    early = load("models", micro, RUN, "s-en50", micro_chain, step=steps[0])
+    evals = load("data", micro, RUN, "en50", micro_chain)["validation"]
+    assert mtrain.eval_loss_per_language(final, evals)["en"] < \
+        mtrain.eval_loss_per_language(early, evals)["en"]
     with pytest.raises(ValueError, match="available"):
-        models.load_model("r", "s-en50", step=999, root=tmp_path)
-    out = models.greedy_continuations(final, CharTokenizer(), {"en": "abc", "fr": "xyz"}, 5)
-    assert set(out) == {"en", "fr"} and all(len(v) <= 5 for v in out.values())
-    assert out == models.greedy_continuations(final, CharTokenizer(), {"en": "abc", "fr": "xyz"}, 5)
-
-    changed = dict(preset, training=dict(preset["training"], lr=1e-3))
-    models.build_model_stage(changed, "r", "s-en50", root=tmp_path, load_data=load_data,
-                             progress=False)
-    assert calls == [0.5, 0.5]  # a new config retrains
-
-
-def test_build_stage_resumes_after_a_crash(tmp_path, monkeypatch):
-    preset = load_preset("tiny", {"models.n_ctx": N_CTX, "tokenizer.vocab_size": VOCAB,
-                                  "training.tokens": 16 * N_CTX * 10})
-
-    def load_data(run, share, root):
-        data, evals = tiny_data()
-        return data, {"validation": evals, "test": evals}, {}
-
-    real_train = models.train_model
-
-    def crashing_train(*args, **kwargs):
-        real_train(*args, **kwargs, stop_after_step=7)
-        raise KeyboardInterrupt  # the process dies after step 7
-
-    monkeypatch.setattr(models, "train_model", crashing_train)
-    with pytest.raises(KeyboardInterrupt):
-        models.build_model_stage(preset, "r", "s-en50", root=tmp_path, load_data=load_data,
-                                 progress=False)
-    stage = Stage("r", "models/s-en50", root=tmp_path)
-    assert not stage.is_complete() and stage.file("resume.pt").exists()
-    monkeypatch.setattr(models, "train_model", real_train)
-    models.build_model_stage(preset, "r", "s-en50", root=tmp_path, load_data=load_data,
-                             progress=False)
-    summary = stage.manifest()["summary"]
-    assert 0 < summary["resumed_from"] <= 7 and summary["step"] == 10
+        mload.load_model(RUN, "s-en50", step=999, root=micro_chain)
+    tokenizer = load("tokenizer", micro, RUN, None, micro_chain)
+    prompts = {"en": "In the beginning", "fr": "Au commencement"}
+    out = mload.greedy_continuations(final, tokenizer, prompts, 5)
+    assert set(out) == {"en", "fr"} and all(isinstance(v, str) for v in out.values())
+    assert out == mload.greedy_continuations(final, tokenizer, prompts, 5)
 
 
 WORKER = textwrap.dedent('''
     import sys
     import torch
-    from mlclt_utils import models
+    from mlclt_utils import distributed
+    from mlclt_utils.models import config as mconfig
+    from mlclt_utils.models import train as mtrain
     from mlclt_utils.artifacts import Stage
 
     TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64}
@@ -305,15 +270,15 @@ WORKER = textwrap.dedent('''
         tokens = torch.randint(5, 300, (40, 16), generator=g)
         tokens[:, 0] = 3
         data = {"tokens": tokens, "language": torch.zeros(40, dtype=torch.long)}
-        cfg = models.model_config(TINY, 16, 300, seed=0)
-        return models.train_model(Stage("r", name, root=root), cfg, data, {"en": tokens[:4]},
+        cfg = mconfig.model_config(TINY, 16, 300, seed=0)
+        return mtrain.train_model(Stage("r", name, root=root), cfg, data, {"en": tokens[:4]},
                                   TRAINING, seed=0, device="cpu", progress=False)
 
     if __name__ == "__main__":
         train(sys.argv[1], "models/ddp")
-        info = models.distributed.current()
+        info = distributed.current()
         open(f"{sys.argv[1]}/rank{info.rank}_of_{info.world_size}", "w").close()
-        models.distributed.cleanup()
+        distributed.cleanup()
 ''')
 
 
@@ -356,17 +321,17 @@ def test_hf_tokenizer_folder_attaches(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                             pad_token="<pad>", unk_token="<unk>").save_pretrained(str(tmp_path))
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
-    model = models.build_model(models.model_config(TINY, N_CTX, len(hf)), hf)
-    assert model.to_tokens("hello")[0, 0].item() == models.BOS_ID
-    assert model.to_tokens("hello")[0, 1].item() != models.BOS_ID  # BOS once
-    out = models.greedy_continuations(model, hf, {"en": "hello"}, 3)
+    model = mconfig.build_model(mconfig.model_config(TINY, N_CTX, len(hf)), hf)
+    assert model.to_tokens("hello")[0, 0].item() == T.BOS_ID
+    assert model.to_tokens("hello")[0, 1].item() != T.BOS_ID  # BOS once
+    out = mload.greedy_continuations(model, hf, {"en": "hello"}, 3)
     assert isinstance(out["en"], str)
 
 
 def test_bench_counts_and_runs():
-    from mlclt_utils import bench
+    from mlclt_utils.bench import train as bench
 
-    cfg = models.model_config(TINY, N_CTX, VOCAB)
+    cfg = mconfig.model_config(TINY, N_CTX, VOCAB)
     n = 2 * (4 * 32 * 32 + 2 * 32 * 64)
     assert cfg.n_params == n
     assert bench.train_flops_per_token(cfg) == 6 * n + 12 * 2 * N_CTX * 32 + 6 * 32 * VOCAB

@@ -6,9 +6,9 @@ import sqlite3
 
 import pytest
 
-from mlclt_utils.corpus import BOS_ID, SPLITS, Corpus, bible_db_path, clean_verse
+from mlclt_utils.data.corpus import SPLITS, Corpus, bible_db_path, clean_verse
 from mlclt_utils.languages import LANGUAGES, bible_code
-from mlclt_utils.tokenizer import (SPECIAL_IDS, fertility_table, load_tokenizer, save_tokenizer,
+from mlclt_utils.tokenizer import (BOS_ID, SPECIAL_IDS, fertility_table, load_tokenizer, save_tokenizer,
                                    train_tokenizer)
 
 # one language per script of languages.py (kana for Japanese, Han for Chinese)
@@ -133,7 +133,7 @@ def test_fertility_table(small, tok):
 def test_marked_context_marks_whole_characters(tok):
     from types import SimpleNamespace
 
-    from mlclt_utils.clt.evaluate import _marked_context
+    from mlclt_utils.features.examples import _marked_context
 
     model = SimpleNamespace(tokenizer=tok)
     text = "emoji 🙂 and 漢字"

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..artifacts import canonical_json, load_tensors, save_tensors
-from ..corpus import BOS_ID
+from ..tokenizer import BOS_ID
 
 DEFAULT_INPUT_HOOK = "ln2.hook_normalized"
 DEFAULT_OUTPUT_HOOK = "hook_mlp_out"

@@ -45,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..artifacts import Stage, atomic_path
-from ..corpus import PAD_ID
+from ..tokenizer import PAD_ID
 from .activations import _bos_id, collect_mlp_io, kept_mask
 
 
@@ -302,190 +301,33 @@ def replacement_metrics(model, clt, tokens_by_lang: Mapping[str, Tensor], batch_
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------ stage ---------------
+# ------------------------------------------------------------------ one CLT, all tables --
 
-def _find_clt_folder(path):
-    from .formats import CONFIG_FILE, WEIGHTS_FILE
+def evaluate_clt(model, clt, sets: Mapping[str, Tensor], max_tokens_per_language: int | None = None,
+                 batch_size: int = 16) -> dict:
+    """Evaluate ``clt`` on ``model`` over the token rows of each language in ``sets``.
 
-    for folder in (path, path / "clt", path / "final"):
-        if (folder / WEIGHTS_FILE).exists() and (folder / CONFIG_FILE).exists():
-            return folder
-    raise FileNotFoundError(f"no CLT ({WEIGHTS_FILE} + {CONFIG_FILE}) in {path}")
-
-
-def _eval_sets(data, split: str) -> dict:
-    sets = data[split] if isinstance(data, Mapping) else data[1][split]
-    return dict(sets)
-
-
-def evaluate_clt_stage(run: str, model_name: str, root=None, cross_layer: bool = True,
-                       device: str = "cpu", split: str = "validation",
-                       max_tokens_per_language: int | None = None, batch_size: int = 16,
-                       force: bool = False, activation: str = "jumprelu") -> dict:
-    """Evaluate the CLT (``cross_layer=True``, stage ``clt/<model>``) or per-layer
-    transcoder (stage ``plt/<model>``) of ``model_name`` on the ``split`` eval sets of its
-    mixture. Writes ``metrics_layers.csv`` (per language and ``all``: per-layer FVU, L0,
-    dead features) and ``metrics_languages.csv`` (replacement-model metrics per language)
-    to the stage ``clt_eval/<model>`` (or ``plt_eval/<model>``), whose manifest records the
-    CLT, model and data stages it read. Returns ``{"layers": df, "languages": df}``; a
-    stage already built from the same config and inputs is read back unless ``force``.
-
-    ``max_tokens_per_language``: default the CLT stage's ``eval_tokens`` when its config
-    has one, else every row.
+    Returns ``{"layers": df, "languages": df}``: per language and pooled (``all``) the
+    per-layer FVU, L0 and dead features; per language the replacement-model metrics.
+    ``max_tokens_per_language``: use only the first rows of each set (None: every row).
     """
     import pandas as pd
 
-    from ..models import load_model, parse_model_name
-    from ..presets import mixture_name
-    from .formats import load_clt
-
-    from .train import stage_name
-
-    kind = stage_name(model_name, cross_layer, activation).split("/")[0]
-    clt_stage = Stage(run, f"{kind}/{model_name}", root)
-    clt_manifest = clt_stage.require()
-    model_stage = Stage(run, f"models/{model_name}", root)
-    _, share = parse_model_name(model_name)
-    data_stage = Stage(run, f"data/{mixture_name(share)}", root)
-    if max_tokens_per_language is None:
-        cfg = clt_manifest.get("config", {})
-        section = cfg.get("clt") if isinstance(cfg.get("clt"), Mapping) else {}
-        max_tokens_per_language = cfg.get("eval_tokens", section.get("eval_tokens"))
-    config = {"model_name": model_name, "kind": kind, "split": split,
-              "max_tokens_per_language": max_tokens_per_language, "batch_size": batch_size}
-    stage = Stage(run, f"{kind}_eval/{model_name}", root)
-    if stage.matches(config) and not force:
-        return {"layers": pd.read_csv(stage.file("metrics_layers.csv")),
-                "languages": pd.read_csv(stage.file("metrics_languages.csv"))}
-
-    from ..corpus import load_data_stage
-
-    t0 = time.time()
-    clt = load_clt(_find_clt_folder(clt_stage.path), device=device)
-    model = load_model(run, model_name, root=root, device=device)
-    sets = _eval_sets(load_data_stage(run, share, root), split)
     if max_tokens_per_language:
         sets = {lang: t[:max(1, math.ceil(max_tokens_per_language / t.shape[1]))]
                 for lang, t in sets.items()}
-
     cfg = clt.cfg
     pooled = ReconstructionStats(cfg.n_layers, cfg.d_model, cfg.d_features)
     per_lang = _reconstruction_stats(model, clt, sets, batch_size, pooled=pooled)
     layers = pd.concat([s.frame().assign(language=lang) for lang, s in
                         {**per_lang, "all": pooled}.items()], ignore_index=True)
     layers = layers[["language"] + [c for c in layers.columns if c != "language"]]
-    t1 = time.time()
     languages = replacement_metrics(model, clt, sets, batch_size=batch_size)
-    t2 = time.time()
-
-    stage.start()
-    for name, df in (("metrics_layers.csv", layers), ("metrics_languages.csv", languages)):
-        with atomic_path(stage.file(name)) as tmp:
-            df.to_csv(tmp, index=False)
-    stage.finish(config, inputs=[s for s in (clt_stage, model_stage, data_stage) if s.is_complete()],
-                 timings={"reconstruction_seconds": t1 - t0, "replacement_seconds": t2 - t1})
     return {"layers": layers, "languages": languages}
-
-
-def load_clt_eval(run: str, model_name: str, root=None, cross_layer: bool = True,
-                  activation: str = "jumprelu") -> dict:
-    """The tables written by ``evaluate_clt_stage``."""
-    import pandas as pd
-
-    from .train import stage_name
-
-    kind = stage_name(model_name, cross_layer, activation).split("/")[0]
-    stage = Stage(run, f"{kind}_eval/{model_name}", root)
-    stage.require()
-    return {"layers": pd.read_csv(stage.file("metrics_layers.csv")),
-            "languages": pd.read_csv(stage.file("metrics_languages.csv"))}
-
-
-# ------------------------------------------------------------------ feature examples ----
-
-def _decode(model, ids: list[int]) -> str:
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return " ".join(str(i) for i in ids)
-    return tok.decode(ids)
-
-
-def _marked_context(model, ids: list[int], pos: int) -> str:
-    """The text of ``ids`` with token ``pos`` in [[ ]]. With a fast tokenizer the mark comes
-    from re-encoding the text with character offsets, so a byte-level token that is only part
-    of a character (common in Chinese) marks that whole character instead of printing
-    replacement characters; the text is marked piecewise when re-encoding does not give
-    ``ids`` back (a window cut inside a character)."""
-    tok = getattr(model, "tokenizer", None)
-    if getattr(tok, "is_fast", False):
-        text = tok.decode(ids)
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        if enc["input_ids"] == ids:
-            a, b = enc["offset_mapping"][pos]
-            return f"{text[:a]}[[{text[a:b]}]]{text[b:]}"
-    return f"{_decode(model, ids[:pos])}[[{_decode(model, [ids[pos]])}]]{_decode(model, ids[pos + 1:])}"
-
-
-@torch.no_grad()
-def top_activating_examples(model, clt, tokens_by_lang: Mapping[str, Tensor], layer: int,
-                            feature: int, k: int = 10, per_language: bool = True,
-                            window: int | None = 12, after: int | None = 2, batch_size: int = 16,
-                            bos_id: int | None = None, pad_id: int | None = PAD_ID):
-    """Top activating token positions of feature ``feature`` of layer ``layer``, read on the
-    original model's MLP inputs (BOS and ``pad_id`` positions excluded, so rows of
-    ``corpus.verse_rows`` work: one verse per row).
-
-    Returns a DataFrame sorted by activation (descending) with columns language, row,
-    position, activation, token, context; ``k`` rows per language (``per_language``) or
-    ``k`` overall. ``context`` shows up to ``window`` tokens before the position, the token
-    itself in [[ ]], and ``after`` tokens after it (None: the rest of the row on that side).
-    Features that never fire give no rows.
-    """
-    import pandas as pd
-
-    clt.eval()
-    bos = _bos_id(model, bos_id)
-    device = next(model.parameters()).device
-    name = f"blocks.{layer}.{clt.cfg.input_hook}"
-    found = []
-    for lang, tokens in tokens_by_lang.items():
-        best_v = torch.empty(0)
-        best_i = torch.empty(0, dtype=torch.long)
-        for start in range(0, tokens.shape[0], batch_size):
-            chunk = tokens[start:start + batch_size].to(device)
-            _, cache = model.run_with_cache(chunk, names_filter=[name], stop_at_layer=layer + 1)
-            x = cache[name].to(clt.W_enc.dtype)
-            acts = encode_layer(clt, x, layer)[..., feature]
-            skip = bos_mask(chunk, bos)
-            if pad_id is not None:
-                skip |= chunk == pad_id
-            acts = acts.masked_fill(skip, 0.0).flatten().cpu()
-            idx = torch.arange(acts.numel()) + start * tokens.shape[1]
-            best_v, order = torch.cat([best_v, acts]).topk(min(k, best_v.numel() + acts.numel()))
-            best_i = torch.cat([best_i, idx])[order]
-        for v, i in zip(best_v.tolist(), best_i.tolist()):
-            if v > 0:
-                row, pos = divmod(i, tokens.shape[1])
-                found.append((lang, row, pos, v))
-    found.sort(key=lambda r: -r[3])
-    if not per_language:
-        found = found[:k]
-    out = []
-    for lang, row, pos, v in found:
-        ids = tokens_by_lang[lang][row].tolist()
-        left = ids[:pos] if window is None else ids[max(0, pos - window):pos]
-        right = ids[pos + 1:] if after is None else ids[pos + 1:pos + 1 + after]
-        left, right = ([t for t in side if t not in (bos, pad_id)] for side in (left, right))
-        token = _decode(model, [ids[pos]])
-        context = _marked_context(model, left + [ids[pos]] + right, len(left))
-        out.append({"language": lang, "row": row, "position": pos, "activation": v,
-                    "token": token, "context": context})
-    return pd.DataFrame(out, columns=["language", "row", "position", "activation", "token",
-                                      "context"])
 
 
 __all__ = [
     "encode_layer", "decode_contributions", "bos_mask", "ReconstructionStats",
     "reconstruction_metrics", "replacement_logits", "zero_ablation_logits",
-    "replacement_metrics", "evaluate_clt_stage", "load_clt_eval", "top_activating_examples",
+    "replacement_metrics", "evaluate_clt",
 ]

@@ -1,14 +1,12 @@
-"""File formats of cross-layer transcoders, and the bridge to circuit-tracer.
+"""File formats of cross-layer transcoders.
 
-Three formats:
+Two formats here (circuit-tracer's classes are in ``mlclt_utils.graphs.circuit_tracer``):
 
 * The project format (``save_clt`` / ``load_clt``): ``clt.safetensors`` with every
   parameter and buffer of ``CrossLayerTranscoder`` (state-dict names), and
   ``config.json`` with the ``CLTConfig`` and a format version. Round trips are bit-exact.
 * The layout of the paper's released CLTs (reference package ``featflow``):
   ``load_featflow_clt`` / ``save_featflow_clt`` / ``load_featflow_clt_from_hub``.
-* circuit-tracer's own classes (``to_circuit_tracer``, ``build_replacement_model``), so that
-  its attribution graphs run on the project's models and CLTs with no hub access.
 
 Conversions between layouts are hand-written because each library defines its own tensor
 layout and there is no shared converter; each one is a few reshapes, checked by the tests.
@@ -16,7 +14,6 @@ layout and there is no shared converter; each one is a few reshapes, checked by 
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -120,8 +117,80 @@ def _read_featflow_files(path: Path) -> tuple[dict, dict]:
     return tensors, cfg
 
 
+# What the encoder of a featflow-layout CLT was trained to read, times its input scale
+# factors (``estimated_norm_scaling_factor_in``):
+#   "ln2"            the output of ln2, after its gain and bias (what the MLP reads);
+#   "ln2_normalized" ln2.hook_normalized, before gain and bias (this project's convention,
+#                    and what ``save_featflow_clt`` writes);
+#   "resid_mid"      the raw residual stream before ln2 (``hook_resid_mid``).
+INPUT_CONVENTIONS = ("ln2", "ln2_normalized", "resid_mid")
+
+# load_featflow_clt's check on a model's own activations warns above this FVU
+FVU_WARN_ABOVE = 0.5
+
+_NO_PROCESSING = ("Load the model with HookedTransformer.from_pretrained_no_processing(...) "
+                  "(or from_pretrained(..., fold_ln=False, center_writing_weights=False, "
+                  "center_unembed=False)) so that ln2 keeps its gain and bias.")
+
+
+def _ln2_affine(model, layer: int, convention: str):
+    """(w, b) of ln2 in ``layer`` as float64 CPU tensors (b may be None for RMSNorm), after
+    checking that the model can serve ``convention`` exactly."""
+    ln = model.blocks[layer].ln2
+    w, b = getattr(ln, "w", None), getattr(ln, "b", None)
+    kind = type(ln).__name__
+    folded = kind.endswith("Pre") or getattr(model.cfg, "normalization_type", None) in ("LNPre", "RMSPre")
+    if w is None and convention == "resid_mid" and not folded:
+        return None, None                 # no normalisation at all: the residual is as trained
+    if w is None:
+        what = ("its gain and bias, which the encoder must absorb," if convention == "ln2" else
+                "the residual stream it was trained on (folding also centres the residual "
+                "stream),")
+        raise ValueError(
+            f"model block {layer}'s ln2 is {kind} (no gain or bias): its LayerNorm weights were "
+            f"folded into the next layer, as HookedTransformer.from_pretrained does by default. "
+            f"A CLT trained with input_convention={convention!r} cannot be applied exactly to "
+            f"such a model: it lacks {what} and the folding cannot be undone. {_NO_PROCESSING}")
+    return w.detach().double().cpu(), None if b is None else b.detach().double().cpu()
+
+
+@torch.no_grad()
+def fidelity_check(clt: CrossLayerTranscoder, model, tokens, n_batches: int = 4,
+                   batch_size: int = 8) -> dict:
+    """Reconstruction of ``model``'s MLP outputs by ``clt`` on up to ``n_batches`` batches of
+    ``batch_size`` rows of ``tokens`` ([rows, n_ctx] token ids, or text for
+    ``model.to_tokens``), BOS positions excluded. Per layer: ``fvu`` (against the target's
+    variance), ``mse``, and ``zero_mse``, the error of predicting 0; ``worse_than_zero``
+    lists the layers where mse > zero_mse."""
+    from .activations import collect_mlp_io
+
+    if isinstance(tokens, (str, list, tuple)) and not torch.is_tensor(tokens):
+        tokens = model.to_tokens(tokens)
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() == 1:
+        tokens = tokens.unsqueeze(0)
+    tokens = tokens[:n_batches * batch_size]
+    cfg = clt.cfg
+    x, y = collect_mlp_io(model, tokens, batch_size, input_hook=cfg.input_hook,
+                          output_hook=cfg.output_hook)
+    if x.shape[0] == 0:
+        raise ValueError("the check tokens hold no position besides BOS")
+    x, y = x.to(clt.W_enc.device, clt.W_enc.dtype), y.to(clt.W_enc.device, clt.W_enc.dtype)
+    y_hat, _ = clt(x)
+    y, y_hat = y.double(), y_hat.double()
+    mse = (y - y_hat).pow(2).sum(-1).mean(0)
+    var = (y - y.mean(0)).pow(2).sum(-1).mean(0)
+    zero = y.pow(2).sum(-1).mean(0)
+    fvu = mse / var.clamp_min(1e-300)
+    return {"fvu": fvu.tolist(), "mse": mse.tolist(), "zero_mse": zero.tolist(),
+            "worse_than_zero": [l for l in range(cfg.n_layers) if mse[l] > zero[l]],
+            "n_tokens": int(x.shape[0])}
+
+
 def load_featflow_clt(path, model=None, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> CrossLayerTranscoder:
+                      dtype: torch.dtype = torch.float32, input_convention: str = "ln2",
+                      check_tokens=None, check_batches: int = 4,
+                      check_batch_size: int = 8) -> CrossLayerTranscoder:
     """Load a CLT stored in the layout of the paper's released CLTs (package ``featflow``).
 
     ``path``: a ``.safetensors`` file, or a folder holding ``clt_weights.safetensors`` (else
@@ -145,13 +214,37 @@ def load_featflow_clt(path, model=None, device: str | torch.device = "cpu",
 
     Other tensors (featflow's ``feature_count``, ``layer_mask``) are ignored.
 
-    featflow's CLTs read the output of ``ln2`` after its gain and bias; this project's CLT
-    reads ``ln2.hook_normalized``, before them. When ``model`` (a HookedTransformer with
-    LayerNorm weights) is given, each layer's ln2 gain ``w`` and bias ``b`` are folded into
-    the encoder, exactly: W_enc' = diag(w) W_enc, b_enc' = b_enc + s_in (b W_enc). Without a
-    model the CLT is used as stored, which is right for models whose ln2 has no affine part
-    (LayerNorm folded into the MLP weights).
+    ``input_convention`` says what the stored encoder reads (times the input scale
+    factors); the file does not record it, so it is an explicit choice (``INPUT_CONVENTIONS``):
+
+    * ``"ln2"`` (default): the output of ``ln2`` after its gain and bias. This project's
+      CLT reads ``ln2.hook_normalized``, before them, so with ``model`` each layer's ln2
+      gain ``w`` and bias ``b`` are folded into the encoder, exactly: W_enc' = diag(w) W_enc,
+      b_enc' = b_enc + s_in (b W_enc) (no bias for RMSNorm). Without a model nothing is
+      folded, which is right only if every ln2 gain is 1 and bias 0.
+    * ``"ln2_normalized"``: ``ln2.hook_normalized`` itself; nothing is folded.
+    * ``"resid_mid"``: the raw residual stream ``hook_resid_mid``; the CLT then reads that
+      hook (``cfg.input_hook``), nothing is folded.
+
+    A model whose LayerNorm weights were folded (``HookedTransformer.from_pretrained``'s
+    default: ln2 becomes ``LayerNormPre``, without gain or bias, and the residual stream
+    is centred) is refused for ``"ln2"`` and ``"resid_mid"``, with a ValueError saying to
+    load it with ``HookedTransformer.from_pretrained_no_processing``: the gain, bias and
+    uncentred residual the CLT needs are gone from such a model. (``"ln2_normalized"`` is
+    unaffected by folding.)
+
+    ``check_tokens`` (with ``model``): token rows [rows, n_ctx] (or text) on which, after
+    loading, ``fidelity_check`` measures the reconstruction of the model's MLP outputs
+    over ``check_batches`` batches of ``check_batch_size`` rows. A UserWarning naming
+    ``input_convention`` is raised when any layer's FVU exceeds ``FVU_WARN_ABOVE`` (0.5) or
+    any layer does worse than predicting zero: the usual cause is a wrong convention or a
+    model other than the one the CLT was trained on. The measurement is kept on the
+    returned module as ``clt.fidelity``.
     """
+    if input_convention not in INPUT_CONVENTIONS:
+        raise ValueError(f"input_convention {input_convention!r} is not one of {INPUT_CONVENTIONS}")
+    if check_tokens is not None and model is None:
+        raise ValueError("check_tokens needs the model whose MLP outputs the CLT reconstructs")
     tensors, cfg = _read_featflow_files(Path(path))
     W_enc = _pick(tensors, "W_enc")
     if W_enc is None or W_enc.ndim != 3:
@@ -201,22 +294,25 @@ def load_featflow_clt(path, model=None, device: str | torch.device = "cpu",
     scale_in = _pick(tensors, "scale_in")
     scale_out = _pick(tensors, "scale_out")
 
+    hook = {"resid_mid": "hook_resid_mid"}.get(input_convention, "ln2.hook_normalized")
     clt_cfg = CLTConfig(n_layers=L, d_model=d, d_features=F, activation="jumprelu",
                         cross_layer=bool(cross),
-                        bandwidth=float(cfg.get("jumprelu_bandwidth", 1.0)))
+                        bandwidth=float(cfg.get("jumprelu_bandwidth", 1.0)), input_hook=hook)
     clt = CrossLayerTranscoder(clt_cfg)
     s_in = torch.ones(L, dtype=torch.float64) if scale_in is None else scale_in.double().reshape(L)
     s_out = torch.ones(L, dtype=torch.float64) if scale_out is None else scale_out.double().reshape(L)
     if model is not None:
+        if model.cfg.n_layers != L or model.cfg.d_model != d:
+            raise ValueError(f"{path}: the CLT has {L} layers of width {d}, the model "
+                             f"{model.cfg.n_layers} of width {model.cfg.d_model}")
         for l in range(L):
-            ln = model.blocks[l].ln2
-            w = getattr(ln, "w", None)
-            b = getattr(ln, "b", None)
-            if w is None:
-                continue  # no affine part: nothing to fold
-            w, b = w.detach().double().cpu(), b.detach().double().cpu()
-            b_enc[l] = b_enc[l] + s_in[l] * (b @ W_enc[l])
-            W_enc[l] = w[:, None] * W_enc[l]
+            if input_convention == "ln2_normalized":
+                break
+            w, b = _ln2_affine(model, l, input_convention)
+            if input_convention == "ln2":
+                if b is not None:
+                    b_enc[l] = b_enc[l] + s_in[l] * (b @ W_enc[l])
+                W_enc[l] = w[:, None] * W_enc[l]
     with torch.no_grad():
         clt.W_enc.copy_(W_enc)
         clt.b_enc.copy_(b_enc)
@@ -230,7 +326,22 @@ def load_featflow_clt(path, model=None, device: str | torch.device = "cpu",
         else:
             for l in range(L):
                 clt.W_dec[l][:, 0, :].copy_(W_dec[l])
-    return clt.to(device=device, dtype=dtype).eval()
+    clt = clt.to(device=device, dtype=dtype).eval()
+    if check_tokens is not None:
+        clt.fidelity = fidelity_check(clt, model, check_tokens, check_batches, check_batch_size)
+        fvu, bad = clt.fidelity["fvu"], clt.fidelity["worse_than_zero"]
+        if max(fvu) > FVU_WARN_ABOVE or bad:
+            import warnings
+
+            warnings.warn(
+                f"load_featflow_clt({str(path)!r}, input_convention={input_convention!r}): the "
+                f"CLT reconstructs this model's MLP outputs badly: FVU per layer "
+                f"{[round(v, 3) for v in fvu]} (warning above {FVU_WARN_ABOVE})"
+                + (f", layers {bad} worse than predicting zero" if bad else "")
+                + f". Check input_convention (one of {INPUT_CONVENTIONS}: what the encoder was "
+                "trained to read) and that this is the model the CLT was trained on.",
+                UserWarning, stacklevel=2)
+    return clt
 
 
 def save_featflow_clt(clt: CrossLayerTranscoder, folder) -> Path:
@@ -267,9 +378,11 @@ def save_featflow_clt(clt: CrossLayerTranscoder, folder) -> Path:
 def load_featflow_clt_from_hub(repo_id: str, subfolder: str | None = None,
                                revision: str | None = None, model=None,
                                device: str | torch.device = "cpu",
-                               dtype: torch.dtype = torch.float32) -> CrossLayerTranscoder:
+                               dtype: torch.dtype = torch.float32,
+                               **options) -> CrossLayerTranscoder:
     """Download a released CLT from the Hugging Face hub (only when called) and load it with
-    ``load_featflow_clt``. ``subfolder``: the folder of one CLT inside the repository."""
+    ``load_featflow_clt``. ``subfolder``: the folder of one CLT inside the repository;
+    ``options``: ``load_featflow_clt``'s ``input_convention`` and check arguments."""
     from huggingface_hub import snapshot_download
 
     patterns = None
@@ -278,131 +391,10 @@ def load_featflow_clt_from_hub(repo_id: str, subfolder: str | None = None,
     local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     if subfolder:
         local = local / subfolder.strip("/")
-    return load_featflow_clt(local, model=model, device=device, dtype=dtype)
-
-
-# ------------------------------------------------------------------ circuit-tracer -----
-
-def _export_thresholds(clt: CrossLayerTranscoder) -> torch.Tensor:
-    """[L, F] thresholds of an elementwise JumpReLU equal to the CLT's activation."""
-    cfg = clt.cfg
-    if cfg.activation == "jumprelu":
-        return clt.log_threshold.detach().exp()
-    if cfg.activation == "batchtopk":
-        # at inference BatchTopK keeps h > threshold[l]: a JumpReLU with one threshold per layer
-        return clt.batchtopk_threshold.detach()[:, None].expand(cfg.n_layers, cfg.d_features)
-    raise ValueError("circuit-tracer supports elementwise activations only (ReLU, JumpReLU); "
-                     "a TopK CLT picks the k largest features of each token, which it cannot "
-                     "express. Export a JumpReLU or BatchTopK CLT instead.")
-
-
-@torch.no_grad()
-def to_circuit_tracer(clt: CrossLayerTranscoder, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu"):
-    """The same transcoder as circuit-tracer's class, with the normalisation folded in.
-
-    A cross-layer CLT becomes ``circuit_tracer...CrossLayerTranscoder``; a per-layer one a
-    ``TranscoderSet`` of ``SingleLayerTranscoder``. Both read ``cfg.input_hook``
-    (``ln2.hook_normalized``) and write ``cfg.output_hook`` (``hook_mlp_out``) of each block,
-    and work on raw activations: W_enc' = s_in[l] W_enc[l] (transposed to circuit-tracer's
-    [L, F, d]), W_dec'[l -> k] = W_dec[l -> k] / s_out[k], b_dec'[k] = b_dec[k] / s_out[k];
-    b_enc and the thresholds are unchanged. Pre-activations, activations and reconstructions
-    are then the same functions of the raw MLP input as the project's module (equal up to
-    float rounding).
-    """
-    from circuit_tracer.transcoder.activation_functions import JumpReLU
-
-    cfg = clt.cfg
-    L, d, F = cfg.n_layers, cfg.d_model, cfg.d_features
-    device = torch.device(device)
-    s_in = clt.input_scale.detach().double()
-    s_out = clt.output_scale.detach().double()
-    thr = _export_thresholds(clt).double()
-    W_enc = (clt.W_enc.detach().double() * s_in[:, None, None]).transpose(1, 2)   # [L, F, d]
-    b_enc = clt.b_enc.detach().double()
-    b_dec = clt.b_dec.detach().double() / s_out[:, None]
-
-    def cast(t):
-        return t.to(device=device, dtype=dtype).contiguous()
-
-    if cfg.cross_layer:
-        from circuit_tracer.transcoder.cross_layer_transcoder import (
-            CrossLayerTranscoder as CTCrossLayerTranscoder)
-
-        ct = CTCrossLayerTranscoder(L, F, d, activation_function="jump_relu", lazy_decoder=False,
-                                    feature_input_hook=cfg.input_hook,
-                                    feature_output_hook=cfg.output_hook, device=device, dtype=dtype)
-        ct.W_enc.copy_(cast(W_enc))
-        ct.b_enc.copy_(cast(b_enc))
-        ct.b_dec.copy_(cast(b_dec))
-        ct.activation_function.threshold.copy_(cast(thr[:, None, :]))
-        for l in range(L):
-            W = clt.W_dec[l].detach().double() / s_out[l:][None, :, None]
-            ct.W_dec[l].copy_(cast(W))
-        return ct.eval()
-
-    from circuit_tracer.transcoder.single_layer_transcoder import (SingleLayerTranscoder,
-                                                                   TranscoderSet)
-
-    layers = {}
-    for l in range(L):
-        t = SingleLayerTranscoder(d, F, JumpReLU(cast(thr[l])), layer_idx=l, device=device,
-                                  dtype=dtype)
-        t.W_enc.copy_(cast(W_enc[l]))
-        t.b_enc.copy_(cast(b_enc[l]))
-        t.W_dec.copy_(cast(clt.W_dec[l].detach().double()[:, 0, :] / s_out[l]))
-        t.b_dec.copy_(cast(b_dec[l]))
-        layers[l] = t
-    return TranscoderSet(layers, feature_input_hook=cfg.input_hook,
-                         feature_output_hook=cfg.output_hook).eval()
-
-
-def _wrapped_name(key: str) -> str:
-    """State-dict name of a HookedTransformer weight inside circuit-tracer's model, which
-    wraps every MLP (``blocks.N.mlp.old_mlp.*``) and the unembedding (``unembed.old_unembed.*``)."""
-    parts = key.split(".")
-    if len(parts) > 3 and parts[0] == "blocks" and parts[2] == "mlp":
-        return ".".join(parts[:3] + ["old_mlp"] + parts[3:])
-    if parts[0] == "unembed":
-        return ".".join(["unembed", "old_unembed"] + parts[1:])
-    return key
-
-
-@torch.no_grad()
-def build_replacement_model(model, clt, tokenizer=None):
-    """circuit-tracer's ``ReplacementModel`` (TransformerLens backend) of ``model`` with
-    ``clt`` (a project CLT, or a transcoder already made by ``to_circuit_tracer``), built
-    from the model's config and weights without any hub access.
-
-    circuit-tracer freezes attention patterns and the LayerNorm scales (``hook_scale``) in
-    its backward passes, so reading ``ln2.hook_normalized`` keeps the attribution linear:
-    between the residual stream and that hook only the centring and the division by the
-    frozen scale remain. ``tokenizer``: defaults to ``model.tokenizer``; circuit-tracer needs
-    one to name logit targets, and its BOS id must not be 0.
-    """
-    from circuit_tracer import ReplacementModel
-
-    if isinstance(clt, CrossLayerTranscoder):
-        transcoder = to_circuit_tracer(clt, dtype=model.cfg.dtype, device=model.cfg.device)
-    else:
-        transcoder = clt
-    replacement = ReplacementModel.from_config(copy.deepcopy(model.cfg), transcoder)
-    state = {_wrapped_name(k): v for k, v in model.state_dict().items()}
-    missing, unexpected = replacement.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("transcoders.")]
-    if missing or unexpected:
-        raise RuntimeError(f"model weights do not fit circuit-tracer's model: missing {missing}, "
-                           f"unexpected {unexpected}")
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tokenizer is not None:
-        if getattr(tokenizer, "bos_token_id", None) == 0:
-            raise ValueError("circuit-tracer cannot use a tokenizer whose BOS id is 0")
-        # assigned directly: TransformerLens' set_tokenizer would reload it by name from the hub
-        replacement.tokenizer = tokenizer
-    return replacement.eval()
+    return load_featflow_clt(local, model=model, device=device, dtype=dtype, **options)
 
 
 __all__ = [
     "save_clt", "load_clt", "triangle_pairs", "load_featflow_clt", "save_featflow_clt",
-    "load_featflow_clt_from_hub", "to_circuit_tracer", "build_replacement_model",
+    "load_featflow_clt_from_hub", "fidelity_check", "INPUT_CONVENTIONS",
 ]

@@ -26,6 +26,15 @@ where h is the pre-activation and ||W_dec,l,f|| the norm of feature f's decoder 
 concatenated over all its target layers. The TopK modes fix L0 through k, so they train
 on the reconstruction term only.
 
+Gradients of theta. The step in a = h * H(h - theta) has no useful derivative, so theta
+gets the straight-through pseudo-derivative of Rajamanoharan et al. (2024):
+d a / d theta = -(theta / eps) * K((h - theta) / eps) with K the rectangle kernel on
+|u| < 1/2 (eps = ``bandwidth``), at every position within eps / 2 of theta, on both
+sides, as circuit-tracer and featflow do. The sparsity term reaches theta only through
+a (so through that kernel, with d tanh / d a = c ||W_dec|| where a = 0); the
+pre-activation term ReLU(theta - h) is differentiable in theta and gets its exact
+derivative ||W_dec|| * #(h < theta), no kernel.
+
 Why this is written here rather than taken from a library: no installed library trains
 cross-layer transcoders with this loss (circuit-tracer only runs trained ones, sae-lens
 trains single-layer SAEs), and none has a sparse CPU training kernel. Once features are
@@ -89,8 +98,12 @@ class _JumpReLU(torch.autograd.Function):
     """a = z * 1[z > theta] with a straight-through gradient for theta.
 
     d a / d z = 1 at active positions (z > theta), 0 elsewhere.
-    d a / d theta = -(theta / eps) * 1[|z - theta| < eps / 2] at active positions: the
-    rectangle-kernel pseudo-derivative of the step, counted only where the feature fires.
+    d a / d theta = -(theta / eps) * K((z - theta) / eps), K(u) = 1[|u| < 1/2]: the
+    rectangle-kernel pseudo-derivative of z * H(z - theta) (Rajamanoharan et al. 2024). It
+    is two-sided: every position within eps / 2 of theta counts, on either side, whether
+    or not the feature fired there. At a position that did not fire, the upstream gradient
+    is still defined (what a small activation there would do to the loss), and it is what
+    tells theta to come down when firing there would have helped.
     """
 
     @staticmethod
@@ -107,7 +120,7 @@ class _JumpReLU(torch.autograd.Function):
         grad_z = grad * active if ctx.needs_input_grad[0] else None
         grad_theta = None
         if ctx.needs_input_grad[1]:
-            window = active & ((z - theta) < eps / 2)        # z > theta already
+            window = (z - theta).abs() < eps / 2             # both sides of theta
             g = -(theta / eps) * grad * window
             grad_theta = g.reshape(-1, *theta.shape).sum(0)
         return grad_z, grad_theta, None
@@ -130,12 +143,20 @@ def jumprelu(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
 # ``DENSE_ABOVE`` active pairs per (token, feature) the same maths runs on dense tensors
 # (``_DenseJumpEncode``), and within the sparse mode each decoder layer still switches to
 # a dense product above ``DECODER_DENSE_ABOVE``.
+#
+# The threshold's pseudo-gradient is two-sided (see ``_JumpReLU``): it also needs the
+# upstream gradient at the pairs that did not fire but lie within eps / 2 below theta.
+# Those "window" pairs are kept in a second, separate pair list: they add nothing to the
+# forward pass or to the decoder's weight gradient (their activation is 0), only one
+# sampled product in the backward pass (the gradient of their zero activations), so they
+# cost about a third of an active pair. The choice of mode counts them with that weight.
 
 # measured crossovers at the reference shape of clt/bench.py on a 2-core AVX-512 CPU: the
 # sparse kernels win up to ~10 % active pairs; a single layer far denser than the others
 # is better decoded densely
 DENSE_ABOVE = 0.10
 DECODER_DENSE_ABOVE = 0.15
+WINDOW_PAIR_COST = 1 / 3       # cost of a window pair relative to an active pair
 
 _quiet = [False]
 
@@ -226,6 +247,18 @@ def _jump_preactivations(xt: Tensor, W_enc: Tensor, b_enc: Tensor, theta: Tensor
     return h, mask
 
 
+@torch.no_grad()
+def _window_below(h: Tensor, mask: Tensor, theta: Tensor, bandwidth: float, holder: dict) -> Tensor:
+    """[L, N, F] bool: theta - eps/2 < h <= theta, the pairs that did not fire but lie in the
+    threshold's kernel window (a reused buffer, like ``h``). Every active pair has
+    h > theta > theta - eps/2, so XOR with the active mask leaves exactly the pairs below."""
+    w = holder.get("window")
+    if w is None or w.shape != mask.shape or w.device != mask.device:
+        w = holder["window"] = torch.empty_like(mask)
+    torch.gt(h, (theta - bandwidth / 2).unsqueeze(1), out=w)
+    return w.bitwise_xor_(mask)
+
+
 def _pre_sum(xt: Tensor, x_sum: Tensor, W_enc: Tensor, b_enc: Tensor, theta: Tensor,
              active_excess: Tensor) -> Tensor:
     """P[l, f] = sum_n ReLU(theta - h) = N theta - sum_n h + sum_active (h - theta); the column
@@ -238,39 +271,45 @@ def _pre_sum(xt: Tensor, x_sum: Tensor, W_enc: Tensor, b_enc: Tensor, theta: Ten
 class _SparseJumpEncode(torch.autograd.Function):
     """JumpReLU encoder that returns only the active pairs, and the pre-activation sums.
 
-    Forward (given h and its mask from ``_jump_preactivations``): the active pairs, their
-    values a = h, and P[l, f] = sum_n ReLU(theta - h) (see ``_pre_sum``).
+    Forward (given h and its mask from ``_jump_preactivations``, and the window mask from
+    ``_window_below``): the active pairs, their values a = h, the window pairs below theta
+    with their values a = 0, and P[l, f] = sum_n ReLU(theta - h) (see ``_pre_sum``).
 
     Backward: dL/dh = -gP[l, f] where h < theta (from P), g_a at active pairs (from a).
     So x~^T dL/dh = -(sum_n x~) gP^T + x~^T S with S sparse at the active pairs: the
-    encoder gradient needs no dense [N, F] matrix. theta gets the straight-through
-    rectangle-kernel term at active pairs and gP * #(h < theta) from P.
+    encoder gradient needs no dense [N, F] matrix. theta gets the two-sided
+    rectangle-kernel term -(theta / eps) g_a from the active pairs within eps / 2 above
+    theta and from every window pair below it (whose g_a arrives through the zero
+    values), and gP * #(h < theta) from P (the exact derivative of the ReLU penalty).
 
-    ``holder`` receives the ``_ActivePairs``; no gradient flows to x~ (the data).
+    ``holder`` receives the ``_ActivePairs`` of both lists (``pairs``, ``wpairs``); no
+    gradient flows to x~ (the data).
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, mask: Tensor, xt: Tensor, W_enc: Tensor, b_enc: Tensor,
-                log_threshold: Tensor, bandwidth: float, holder: dict):
+                log_threshold: Tensor, bandwidth: float, window: Tensor, holder: dict):
         L, N, F = h.shape
         theta = log_threshold.exp()
         flat = mask.view(-1).nonzero().squeeze(1)
         vals = h.view(-1)[flat]
         pairs = _ActivePairs(flat, L, N, F)
-        holder["pairs"] = pairs
+        wpairs = _ActivePairs(window.view(-1).nonzero().squeeze(1), L, N, F)
+        wvals = torch.zeros(wpairs.lf.numel(), dtype=vals.dtype, device=vals.device)
+        holder["pairs"], holder["wpairs"] = pairs, wpairs
         lf = pairs.lf
         x_sum = xt.sum(1)                                              # [L, d]
         excess = torch.zeros(L * F, dtype=vals.dtype, device=vals.device)
         excess.index_add_(0, lf, vals - theta.reshape(-1)[lf])
         pre_sum = _pre_sum(xt, x_sum, W_enc, b_enc, theta, excess.view(L, F))
         ctx.save_for_backward(xt, x_sum, theta, vals)
-        ctx.pairs, ctx.bandwidth = pairs, bandwidth
-        return vals, pre_sum
+        ctx.pairs, ctx.wpairs, ctx.bandwidth = pairs, wpairs, bandwidth
+        return vals, wvals, pre_sum
 
     @staticmethod
-    def backward(ctx, g_vals, g_pre):
+    def backward(ctx, g_vals, g_wvals, g_pre):
         xt, x_sum, theta, vals = ctx.saved_tensors
-        pairs = ctx.pairs
+        pairs, wpairs = ctx.pairs, ctx.wpairs
         L, N, d = xt.shape
         F = theta.shape[-1]
         lf = pairs.lf
@@ -294,14 +333,18 @@ class _SparseJumpEncode(torch.autograd.Function):
             grad_b.index_add_(0, lf, s_vals)
             grad_b = grad_b.view(L, F) - N * g_pre
         if ctx.needs_input_grad[5]:
-            theta_nz = theta.reshape(-1)[lf]
-            window = (vals - theta_nz) < eps / 2
+            theta_flat = theta.reshape(-1)
+            theta_nz = theta_flat[lf]
+            window = (vals - theta_nz) < eps / 2                      # above theta
             g_theta = torch.zeros(L * F, dtype=vals.dtype, device=vals.device)
             g_theta.index_add_(0, lf, -(theta_nz / eps) * g_vals * window)
+            if g_wvals is not None and g_wvals.numel():               # below theta
+                wlf = wpairs.lf
+                g_theta.index_add_(0, wlf, -(theta_flat[wlf] / eps) * g_wvals)
             g_theta = g_theta.view(L, F) + g_pre * (N - pairs.count.view(L, F))
             grad_log = g_theta * theta
-        ctx.pairs = None
-        return None, None, None, grad_W, grad_b, grad_log, None, None
+        ctx.pairs = ctx.wpairs = None
+        return None, None, None, grad_W, grad_b, grad_log, None, None, None
 
 
 def _float_mask(cond: str, a: Tensor, b: Tensor) -> Tensor:
@@ -320,7 +363,9 @@ class _DenseJumpEncode(torch.autograd.Function):
 
     Returns the activations of each layer a_l = h_l * 1[h_l > theta_l] ([N, F] each), the
     sparsity sum S = sum tanh(c a ||W_dec||), the pre-activation sums P [L, F] and the
-    firing counts. Active positions are recovered in the backward pass as a > 0 (theta > 0).
+    firing counts. Active positions are recovered in the backward pass as a > 0 (theta > 0);
+    the kernel window |h - theta| < eps / 2 (both sides, see ``_JumpReLU``) is kept from
+    the forward pass as a float mask, since h itself lives in a reused buffer.
     """
 
     @staticmethod
@@ -328,9 +373,11 @@ class _DenseJumpEncode(torch.autograd.Function):
                 log_threshold: Tensor, bandwidth: float, norms: Tensor, tanh_c: float):
         L = h.shape[0]
         theta = log_threshold.exp()
-        a, counts, a_sums, T = [], [], [], []
+        a, counts, a_sums, T, window = [], [], [], [], []
         scale = tanh_c * norms                                         # [L, F]
         for l in range(L):
+            w = torch.sub(h[l], theta[l]).abs_()
+            window.append(torch.lt(w, bandwidth / 2, out=w))           # 1.0 in the window
             m = _float_mask("gt", h[l], theta[l])
             counts.append(m.sum(0))
             m.mul_(h[l])                                               # a_l, in place
@@ -341,7 +388,7 @@ class _DenseJumpEncode(torch.autograd.Function):
         x_sum = xt.sum(1)
         pre_sum = _pre_sum(xt, x_sum, W_enc, b_enc, theta, torch.stack(a_sums) - theta * count)
         sparsity = sum(t.sum() for t in T)
-        ctx.save_for_backward(xt, x_sum, theta, count, scale, *a, *T)
+        ctx.save_for_backward(xt, x_sum, theta, count, scale, *a, *T, *window)
         ctx.bandwidth, ctx.tanh_c, ctx.L = bandwidth, tanh_c, L
         ctx.mark_non_differentiable(count)
         return (*a, sparsity, pre_sum, count)
@@ -350,7 +397,7 @@ class _DenseJumpEncode(torch.autograd.Function):
     def backward(ctx, *grads):
         L = ctx.L
         xt, x_sum, theta, count, scale, *rest = ctx.saved_tensors
-        a, T = rest[:L], rest[L:]
+        a, T, window = rest[:L], rest[L:2 * L], rest[2 * L:]
         g_a, g_sparsity, g_pre = grads[:L], grads[L], grads[L + 1]
         N, d, F = xt.shape[1], xt.shape[2], theta.shape[1]
         eps = ctx.bandwidth
@@ -368,9 +415,8 @@ class _DenseJumpEncode(torch.autograd.Function):
             g_al = dT.mul_(scale[l])
             if g_a[l] is not None:
                 g_al.add_(g_a[l])
-            # straight-through threshold gradient at active positions inside the window
-            window = _float_mask("lt", a[l], theta[l] + eps / 2).mul_(active)
-            g_theta[l] = -(theta[l] / eps) * (window.mul_(g_al)).sum(0)
+            # two-sided straight-through threshold gradient: every position in the window
+            g_theta[l] = -(theta[l] / eps) * torch.mul(window[l], g_al).sum(0)
             # dL/dh: g_a at active positions, -gP where h < theta (see _SparseJumpEncode)
             S = g_al.add_(g_pre[l]).mul_(active)
             grad_W[l] = xt[l].t() @ S
@@ -388,10 +434,15 @@ class _SparseDecode(torch.autograd.Function):
     S_l^T @ g_y (only the rows of active features are non-zero) and the gradient of each
     active value is the dot product of its decoder row with its token's output gradient,
     i.e. g_y @ W_dec[l]^T sampled at the active pairs only.
+
+    ``wvals`` are the (zero) values of the window pairs ``wpairs`` below the threshold:
+    they change nothing in the forward pass, and their gradient is the same sampled
+    product at those pairs (taken from a dense product where a layer's pairs are dense).
     """
 
     @staticmethod
-    def forward(ctx, vals: Tensor, pairs: _ActivePairs, cross: bool, *W_dec: Tensor):
+    def forward(ctx, vals: Tensor, wvals: Tensor, pairs: _ActivePairs, wpairs: _ActivePairs,
+                cross: bool, *W_dec: Tensor):
         L, N, F = pairs.L, pairs.N, pairs.F
         d = W_dec[0].shape[-1]
         out = torch.zeros(N, L, d, dtype=vals.dtype, device=vals.device)
@@ -406,16 +457,17 @@ class _SparseDecode(torch.autograd.Function):
                 out[:, l:, :] += prod.view(N, L - l, d)
             else:
                 out[:, l, :] += prod
-        ctx.save_for_backward(vals, *W_dec)
-        ctx.mats, ctx.pairs, ctx.cross = mats, pairs, cross
+        ctx.save_for_backward(vals, wvals, *W_dec)
+        ctx.mats, ctx.pairs, ctx.wpairs, ctx.cross = mats, pairs, wpairs, cross
         return out
 
     @staticmethod
     def backward(ctx, g_out: Tensor):
-        vals, *W_dec = ctx.saved_tensors
-        mats, pairs, cross = ctx.mats, ctx.pairs, ctx.cross
+        vals, wvals, *W_dec = ctx.saved_tensors
+        mats, pairs, wpairs, cross = ctx.mats, ctx.pairs, ctx.wpairs, ctx.cross
         L, N, F = pairs.L, pairs.N, pairs.F
         g_vals = torch.empty_like(vals)
+        g_wvals = torch.empty_like(wvals) if ctx.needs_input_grad[1] else None
         vals_sorted = None
         g_W = []
         for l in range(L):
@@ -423,18 +475,34 @@ class _SparseDecode(torch.autograd.Function):
             g = (g_out[:, l:, :] if cross else g_out[:, l, :]).reshape(N, -1)   # [N, T*d]
             W = W_dec[l].reshape(F, -1)
             S = mats[l]
+            G = None                                 # g @ W^T [N, F], where computed densely
+            if g_wvals is not None:
+                wlo, whi = wpairs.bounds[l], wpairs.bounds[l + 1]
+                if whi > wlo:
+                    if S.layout == torch.strided or wpairs.layer_is_dense(l, DECODER_DENSE_ABOVE):
+                        G = g @ W.t()
+                        rows, cols = wpairs.row[wlo:whi] - l * N, wpairs.col[wlo:whi]
+                        g_wvals[wlo:whi] = G.view(-1)[rows * F + cols]
+                    else:
+                        Sw = wpairs.layer_csr(l, wvals)
+                        g_wvals[wlo:whi] = torch.sparse.sampled_addmm(Sw, g, W.t(), beta=0.0).values()
             if S.layout == torch.strided:
                 rows, cols = pairs.row[lo:hi] - l * N, pairs.col[lo:hi]
-                g_vals[lo:hi] = (g @ W.t()).view(-1)[rows * F + cols]
+                G = g @ W.t() if G is None else G
+                g_vals[lo:hi] = G.view(-1)[rows * F + cols]
                 g_W.append((S.t() @ g).view_as(W_dec[l]))
             else:
-                g_vals[lo:hi] = torch.sparse.sampled_addmm(S, g, W.t(), beta=0.0).values()
+                if G is not None:
+                    rows, cols = pairs.row[lo:hi] - l * N, pairs.col[lo:hi]
+                    g_vals[lo:hi] = G.view(-1)[rows * F + cols]
+                else:
+                    g_vals[lo:hi] = torch.sparse.sampled_addmm(S, g, W.t(), beta=0.0).values()
                 if vals_sorted is None:
                     vals_sorted = vals[pairs.perm]
                 St = pairs.layer_csr_t(l, vals_sorted)
                 g_W.append(torch.sparse.mm(St, g).view_as(W_dec[l]))
-        ctx.mats = ctx.pairs = None
-        return (g_vals, None, None, *g_W)
+        ctx.mats = ctx.pairs = ctx.wpairs = None
+        return (g_vals, g_wvals, None, None, None, *g_W)
 
 
 # ----------------------------------------------------------------------------- model -----
@@ -591,17 +659,28 @@ class CrossLayerTranscoder(nn.Module):
         if sparse:
             xt = (x * self.input_scale.unsqueeze(-1)).transpose(0, 1).contiguous()   # [L, N, d]
             h, mask = _jump_preactivations(xt, self.W_enc, self.b_enc, self.threshold, self._work)
-            args = (h, mask, xt, self.W_enc, self.b_enc, self.log_threshold, self.cfg.bandwidth)
-            if int(torch.count_nonzero(mask)) > DENSE_ABOVE * mask.numel():
+            eps = self.cfg.bandwidth
+            args = (h, mask, xt, self.W_enc, self.b_enc, self.log_threshold, eps)
+            budget = DENSE_ABOVE * mask.numel()
+            cost = int(torch.count_nonzero(mask))
+            window = None
+            if cost <= budget:
+                window = _window_below(h, mask, self.threshold.detach(), eps, self._work)
+                cost += WINDOW_PAIR_COST * int(torch.count_nonzero(window))
+            if cost > budget:
                 *a, sparsity, pre_sum, fire_counts = _DenseJumpEncode.apply(*args, norms, tanh_c)
                 y_hat = self._decode_layers(a)
                 sparsity = sparsity / N
             else:
-                vals, pre_sum = _SparseJumpEncode.apply(*args, self._work)
-                pairs = self._work.pop("pairs")
-                y_hat = _SparseDecode.apply(vals, pairs, self.cfg.cross_layer, *self.W_dec)
+                vals, wvals, pre_sum = _SparseJumpEncode.apply(*args, window, self._work)
+                pairs, wpairs = self._work.pop("pairs"), self._work.pop("wpairs")
+                y_hat = _SparseDecode.apply(vals, wvals, pairs, wpairs, self.cfg.cross_layer,
+                                            *self.W_dec)
                 y_hat = y_hat + self.b_dec
-                sparsity = torch.tanh(tanh_c * vals * norms.reshape(-1)[pairs.lf]).sum() / N
+                flat_norms = norms.reshape(-1)
+                # the window pairs add 0 to the value; their gradient carries c ||W_dec||
+                sparsity = (torch.tanh(tanh_c * vals * flat_norms[pairs.lf]).sum()
+                            + torch.tanh(tanh_c * wvals * flat_norms[wpairs.lf]).sum()) / N
                 fire_counts = pairs.count.view(L, -1)
             preact = (pre_sum * norms).sum() / N
         else:

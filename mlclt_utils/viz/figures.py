@@ -1,4 +1,4 @@
-"""Figures and tables of the chapters (matplotlib, so the book renders them as images)."""
+"""Figures of the chapters (matplotlib, so the book renders them as images)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .languages import language_name
+from ..languages import language_name
 
 
 def _label(lang: str) -> str:
@@ -42,22 +42,6 @@ def fertility_figure(fertility: pd.DataFrame):
     fig.tight_layout()
     return fig
 
-
-def mixture_report_table(reports: Mapping[str, Mapping[str, Mapping]]) -> pd.DataFrame:
-    """Realised training tokens (and passes over the data) per mixture and language."""
-    rows = []
-    for mixture, per_lang in reports.items():
-        for lang, r in per_lang.items():
-            rows.append({"mixture": mixture, "language": lang, "tokens": r["realised_tokens"],
-                         "epochs": r["epochs"]})
-    df = pd.DataFrame(rows)
-    tokens = df.pivot(index="mixture", columns="language", values="tokens")
-    share = tokens.div(tokens.sum(axis=1), axis=0)
-    epochs = df.pivot(index="mixture", columns="language", values="epochs")
-    return pd.concat({"tokens": tokens, "share": share.round(3), "epochs": epochs.round(3)}, axis=1)
-
-
-# ---- chapter 02 -------------------------------------------------------------------------
 
 def _val_columns(df: pd.DataFrame, languages) -> dict[str, str]:
     """Map language -> the metrics column holding its validation loss."""
@@ -161,40 +145,3 @@ def ce_recovered_figure(languages: pd.DataFrame):
     axes[1].legend(title="model", fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     return fig
-
-
-CLT_TARGETS = {"mean FVU": ("≤", 0.20), "mean L0": ("≤", 32.0), "CE loss recovered": ("≥", 0.80),
-               "dead features": ("≤", 0.10)}
-
-
-def clt_targets_table(layers: pd.DataFrame, languages: pd.DataFrame) -> pd.DataFrame:
-    """Per model: the measured value of each target and whether it is met."""
-    rows = []
-    pooled = languages.reset_index(level="model")
-    pooled = pooled[pooled["language"] == "all"].set_index("model")
-    for name, df in layers.groupby(level="model"):
-        measured = {"mean FVU": df["fvu"].mean(), "mean L0": df["l0"].mean(),
-                    "CE loss recovered": pooled.loc[name, "ce_recovered"] if name in pooled.index else np.nan,
-                    "dead features": df["dead_fraction"].mean()}  # same F in every layer
-        for target, (op, bound) in CLT_TARGETS.items():
-            v = float(measured[target])
-            met = v <= bound if op == "≤" else v >= bound
-            rows.append({"model": name, "target": f"{target} {op} {bound:g}", "measured": round(v, 3),
-                         "met": "yes" if met else "no"})
-    return pd.DataFrame(rows).set_index(["model", "target"])
-
-
-def transcoder_comparison_table(results: Mapping[str, Mapping[str, pd.DataFrame]]) -> pd.DataFrame:
-    """One row per transcoder variant: mean FVU, mean L0, dead fraction, CE recovered, KL."""
-    rows = {}
-    for label, r in results.items():
-        layers = r["layers"]
-        if "language" in layers:
-            layers = layers[layers["language"] == "all"]
-        lang = r["languages"].set_index("language")
-        pooled = lang.loc["all"] if "all" in lang.index else lang.mean(numeric_only=True)
-        rows[label] = {"mean FVU": layers["fvu"].mean(), "mean L0": layers["l0"].mean(),
-                       "dead fraction": layers["dead_fraction"].mean(),
-                       "CE recovered": pooled["ce_recovered"], "KL": pooled["kl"],
-                       "top-1 agreement": pooled["top1_agreement"]}
-    return pd.DataFrame(rows).T.round(4)

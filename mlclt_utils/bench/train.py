@@ -2,7 +2,7 @@
 
     python -m mlclt_utils.bench peak                 # matmul GFLOP/s of this machine
     python -m mlclt_utils.bench train [--steps 20]   # model training speed, tiny and small presets
-    python -m mlclt_utils.bench clt ...              # CLT training speed (mlclt_utils.clt.bench)
+    python -m mlclt_utils.bench clt ...              # CLT training speed (mlclt_utils.bench.clt)
 
 The training benchmark runs the same step function as ``models.train_model`` on random
 tokens, at the model sizes of the presets, and reports tokens/s, achieved GFLOP/s and
@@ -19,8 +19,10 @@ from typing import Iterator
 
 import torch
 
-from . import models
-from .presets import load_preset
+from ..models import train as training_lib
+from ..models.config import build_model, model_config
+from ..tokenizer import BOS_ID
+from ..presets import load_preset
 
 
 @contextlib.contextmanager
@@ -95,22 +97,22 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
     batch = batch_size or training["batch_size"]
     dev = torch.device(device)
     with _threads(threads):
-        cfg = models.model_config(sizes[size_name], n_ctx, vocab, seed=0)
-        model = models.build_model(cfg)
+        cfg = model_config(sizes[size_name], n_ctx, vocab, seed=0)
+        model = build_model(cfg)
         model.to(dev, print_details=False)
-        models.freeze_key_biases(model)
-        optimizer = models.make_optimizer(model, training["lr"], training["weight_decay"])
+        training_lib.freeze_key_biases(model)
+        optimizer = training_lib.make_optimizer(model, training["lr"], training["weight_decay"])
         params = [p for p in model.parameters() if p.requires_grad]
-        net = models.TrainingLoss(model)
+        net = training_lib.TrainingLoss(model)
         g = torch.Generator().manual_seed(0)
         pool = torch.randint(5, vocab, (8, batch, n_ctx), generator=g)
-        pool[:, :, 0] = models.BOS_ID
+        pool[:, :, 0] = BOS_ID
         pool = pool.to(dev)
         bf16 = dev.type == "cuda" and training.get("bf16_on_gpu", True)
         times = []
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            loss = models.train_step(net, optimizer, params, pool[i % 8], training["lr"],
+            loss = training_lib.train_step(net, optimizer, params, pool[i % 8], training["lr"],
                                      training["grad_clip"], bf16)
             _sync(dev)
             if i >= warmup:
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["train", "peak", "clt"])
     args, rest = parser.parse_known_args(argv)
     if args.command == "clt":
-        from .clt.bench import main as clt_main  # written alongside the CLT code
+        from .clt import main as clt_main
 
         return clt_main(rest)
     sub = argparse.ArgumentParser(prog=f"python -m mlclt_utils.bench {args.command}")
@@ -186,7 +188,3 @@ def main(argv: list[str] | None = None) -> None:
     else:
         run_train_benchmark(opts.presets, opts.sizes, opts.steps, opts.warmup, opts.threads,
                             opts.device)
-
-
-if __name__ == "__main__":
-    main()

@@ -108,8 +108,8 @@ def _current_rss_mb() -> float:
 
 def _setup(case: str, threads: int, seed: int = 0):
     from ..presets import load_preset
-    from .model import CLTConfig, CrossLayerTranscoder
-    from .train import make_optimizer
+    from ..clt.model import CLTConfig, CrossLayerTranscoder
+    from ..clt.train import make_optimizer
 
     torch.set_num_threads(threads)
     L, d, F, B = case_shape(case)
@@ -123,7 +123,7 @@ def _setup(case: str, threads: int, seed: int = 0):
 
 
 def _time_steps(clt, optimizer, x, y, B, cfg, lam, steps, warmup, sparse):
-    from .train import compute_step
+    from ..clt.train import compute_step
 
     pool = x.shape[0] // B
     times, out = [], None
@@ -147,7 +147,7 @@ def _worker(args) -> dict:
     result = {"case": args.case, "regime": args.phase, "n_layers": L, "d_model": d, "features": F,
               "batch": B, "threads": torch.get_num_threads()}
     if args.phase == "warm":
-        from .train import compute_step, lambda_at
+        from ..clt.train import compute_step, lambda_at
 
         t0 = time.perf_counter()
         pool = x.shape[0] // WARM_BATCH
@@ -187,8 +187,8 @@ def _worker(args) -> dict:
                                           for a, b in zip(*grads))
     if args.phase == "trained":
         # the real training loop, end to end, on the same activations
-        from .activations import TensorSource
-        from .train import train_clt
+        from ..clt.activations import TensorSource
+        from ..clt.train import train_clt
 
         t_cfg = dict(cfg, batch_tokens=B, lr=2e-3, lambda_warmup_fraction=0.0)
         summary = train_clt(clt, TensorSource(x, y, B), args.steps * B, t_cfg, progress=False,
@@ -202,9 +202,9 @@ def _worker(args) -> dict:
 def full_run(n_tokens: int, threads: int = 2, sparse: bool | None = None, seed: int = 0) -> dict:
     """Train the reference shape from scratch on ``n_tokens`` synthetic tokens."""
     from ..presets import load_preset
-    from .activations import TensorSource
-    from .model import CLTConfig, CrossLayerTranscoder
-    from .train import train_clt
+    from ..clt.activations import TensorSource
+    from ..clt.model import CLTConfig, CrossLayerTranscoder
+    from ..clt.train import train_clt
 
     torch.set_num_threads(threads)
     L, d, F, B = CASES["reference"]
@@ -226,7 +226,7 @@ def full_run(n_tokens: int, threads: int = 2, sparse: bool | None = None, seed: 
 def _run_worker(case, phase, state, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    cmd = [sys.executable, "-m", "mlclt_utils.clt.bench", "--worker", phase, "--case", case,
+    cmd = [sys.executable, "-m", "mlclt_utils.bench.clt", "--worker", phase, "--case", case,
            "--state", state, "--out", out, "--steps", str(args.steps), "--threads", str(args.threads),
            "--warm-steps", str(args.warm_steps)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -241,7 +241,7 @@ def _run_worker(case, phase, state, args) -> dict:
 
 def run(cases=("tiny", "small", "reference"), steps: int = 20, threads: int = 2,
         warm_steps: int = 600) -> list[dict]:
-    from ..bench import _table, measure_matmul_peak
+    from .train import _table, measure_matmul_peak
 
     args = argparse.Namespace(steps=steps, threads=threads, warm_steps=warm_steps)
     peak = measure_matmul_peak(threads)
@@ -321,4 +321,4 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
 
 
 if __name__ == "__main__":
-    main()
+    main()  # the benchmark's worker processes start here

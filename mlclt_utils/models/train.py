@@ -1,4 +1,4 @@
-"""GPT-2 style language models: build, train (one process or torchrun), save, load, evaluate.
+"""Training of a GPT-2-style model (one process or torchrun), with log-spaced checkpoints.
 
 A model stage lives at ``<root>/<run>/models/<name>/`` (names like ``s-en50``: size ``s``
 trained on the mixture with 50 % English) and holds
@@ -12,7 +12,7 @@ trained on the mixture with 50 % English) and holds
   validation loss of every language);
 - ``resume.pt``: only while training is unfinished; optimizer state, step and RNG states,
   so that a rerun continues where the last run stopped;
-- ``manifest.json``: written last by ``build_model_stage``.
+- ``manifest.json``: written last by the stage driver (``mlclt_utils.stages``).
 
 The order of the training data is a pure function of (seed, step): every epoch is a
 fresh permutation drawn from a ``torch.Generator`` seeded by (seed, epoch). A resumed run
@@ -23,139 +23,28 @@ Under ``torchrun --nproc_per_node N`` every rank takes its slice of each global 
 the global batch (and the result, up to float rounding) is the same as in one process.
 Only the main rank writes files. From the command line:
 
-    python -m mlclt_utils.models train --run demo --model s-en50 --preset tiny
-    torchrun --standalone --nproc_per_node 2 -m mlclt_utils.models train --run-name demo --model s-en50
-
-(torchrun takes ``--run`` for its own ``--run-path``, hence ``--run-name`` there.)
+    python -m mlclt_utils.stages build models/s-en50 --preset tiny
+    torchrun --standalone --nproc_per_node 2 -m mlclt_utils.stages build models/s-en50 --preset tiny
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import distributed
-from .artifacts import (ManifestMismatch, Stage, atomic_path, config_hash, load_tensors, read_jsonl,
-                        read_json, save_tensors, write_json)
-from .corpus import BOS_ID, EOS_ID  # <bos> is 3 and <eos> 4, as in the papers' models
-from .presets import parse_override
-
-# GPT-2's GELU is the tanh approximation. TransformerLens calls it "gelu_new" (written out
-# as several elementwise operations) or "gelu_pytorch_tanh" (the same function, within
-# 5e-7, as one fused kernel: the MLP step is markedly faster on CPU). Exact "gelu" is allowed.
-ACT_FNS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
-DEFAULT_ACT_FN = "gelu_pytorch_tanh"
-
-SIZE_KEYS = ("n_layers", "d_model", "n_heads", "d_mlp")
-TRAINING_KEYS = ("tokens", "batch_size", "lr", "min_lr_ratio", "warmup_fraction", "weight_decay",
-                 "grad_clip", "n_checkpoints", "eval_every", "eval_tokens_per_language")
-
-# HookedTransformerConfig fields written to config.json; enough to rebuild the model.
-CONFIG_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx", "d_vocab",
-                 "act_fn", "normalization_type", "positional_embedding_type", "init_mode",
-                 "default_prepend_bos", "tokenizer_prepends_bos", "seed", "model_name",
-                 "original_architecture")
-
-
-# ----------------------------------------------------------------------------- building
-
-def model_config(size: Mapping[str, int], n_ctx: int, d_vocab: int, seed: int = 0,
-                 act_fn: str = DEFAULT_ACT_FN, name: str = "custom"):
-    """HookedTransformerConfig of a GPT-2 style model (LayerNorm, learned positions, GELU).
-
-    ``size`` holds ``n_layers``, ``d_model``, ``n_heads`` and ``d_mlp``. Weights are drawn
-    as in GPT-2 (normal, std 0.8/sqrt(d_model)) from ``seed``. The run's tokenizer does not
-    add BOS itself, so TransformerLens prepends it (``default_prepend_bos``); attaching a
-    tokenizer re-detects ``tokenizer_prepends_bos``.
-    """
-    from transformer_lens import HookedTransformerConfig
-
-    missing = [k for k in SIZE_KEYS if k not in size]
-    if missing:
-        raise ValueError(f"model size {dict(size)} lacks {missing}; a size needs {list(SIZE_KEYS)}")
-    for key in SIZE_KEYS:
-        if isinstance(size[key], bool) or not isinstance(size[key], int) or size[key] <= 0:
-            raise ValueError(f"model size key {key!r} must be a positive integer, got {size[key]!r}")
-    if size["d_model"] % size["n_heads"]:
-        raise ValueError(f"d_model {size['d_model']} is not divisible by n_heads {size['n_heads']}")
-    if n_ctx < 2:
-        raise ValueError(f"n_ctx must be at least 2 (a token and its successor), got {n_ctx}")
-    if d_vocab <= max(BOS_ID, EOS_ID):
-        raise ValueError(f"d_vocab {d_vocab} is too small")
-    if act_fn not in ACT_FNS:
-        raise ValueError(f"act_fn {act_fn!r} is not allowed; allowed: {ACT_FNS}")
-    return HookedTransformerConfig(
-        n_layers=size["n_layers"], d_model=size["d_model"], n_heads=size["n_heads"],
-        d_head=size["d_model"] // size["n_heads"], d_mlp=size["d_mlp"], n_ctx=n_ctx,
-        d_vocab=d_vocab, act_fn=act_fn, normalization_type="LN",
-        positional_embedding_type="standard", init_mode="gpt2", default_prepend_bos=True,
-        tokenizer_prepends_bos=False, seed=seed, device="cpu", model_name=name,
-        original_architecture="GPT2LMHeadModel",
-    )
-
-
-def config_to_dict(cfg) -> dict:
-    return {k: getattr(cfg, k) for k in CONFIG_FIELDS}
-
-
-def config_from_dict(d: Mapping[str, Any], init_weights: bool = True):
-    """Rebuild a config from ``config_to_dict``. With ``init_weights=False`` the model built
-    from it skips random initialisation (and leaves the global RNG alone): for loading."""
-    from transformer_lens import HookedTransformerConfig
-
-    fields = {k: d[k] for k in CONFIG_FIELDS if k in d}
-    seed = fields.pop("seed", None)
-    cfg = HookedTransformerConfig(**fields, seed=seed if init_weights else None, device="cpu",
-                                  init_weights=init_weights)
-    cfg.seed = seed
-    return cfg
-
-
-def attach_tokenizer(model, tokenizer) -> None:
-    """Give ``model`` a tokenizer (a ``transformers`` tokenizer or a ``tokenizers.Tokenizer``)."""
-    if tokenizer is None:
-        return
-    try:
-        from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-        if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
-        model.set_tokenizer(tokenizer)
-    except Exception:
-        # TransformerLens may try to re-create the tokenizer from a hub name; keep ours as is.
-        model.tokenizer = tokenizer
-        model.cfg.tokenizer_prepends_bos = len(_encode(tokenizer, "", special=True)) > 0
-
-
-def build_model(cfg, tokenizer=None):
-    """A freshly initialised ``HookedTransformer`` (on the config's device, CPU by default)."""
-    from transformer_lens import HookedTransformer
-
-    model = HookedTransformer(cfg)
-    attach_tokenizer(model, tokenizer)
-    return model
-
-
-def parse_model_name(name: str) -> tuple[str, float]:
-    """``"s-en50"`` -> ``("s", 0.5)``."""
-    size, sep, mix = name.rpartition("-")
-    if not sep or not size or not mix.startswith("en") or not mix[2:].isdigit():
-        raise ValueError(f"model name {name!r} is not of the form '<size>-en<percent>', e.g. 's-en50'")
-    pct = int(mix[2:])
-    if pct > 100:
-        raise ValueError(f"model name {name!r}: English share {pct} % is above 100")
-    return size, pct / 100
-
+from .. import distributed
+from ..artifacts import (METRICS_FILE, RESUME_FILE, atomic_path, config_hash, read_jsonl, save_tensors,
+                         write_json)
+from .config import TRAINING_KEYS, build_model, config_to_dict
 
 # ----------------------------------------------------------------------------- schedule
 
@@ -441,7 +330,7 @@ def default_device(info: distributed.DistInfo | None = None) -> str:
     return "cpu"
 
 
-def train_model(stage: Stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
+def train_model(stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
                 eval_sets: Mapping[str, torch.Tensor], training: Mapping[str, Any], seed: int = 0,
                 device: str | None = None, languages: list[str] | None = None,
                 progress: bool = True, info: Mapping[str, Any] | None = None,
@@ -484,7 +373,7 @@ def train_model(stage: Stage, model_cfg, train_tensors: Mapping[str, torch.Tenso
     lr_at = lambda step: learning_rate(step, total, training["lr"],  # noqa: E731
                                        training["warmup_fraction"], training["min_lr_ratio"])
     path = stage.path
-    metrics_path, resume_path = path / "metrics.jsonl", path / "resume.pt"
+    metrics_path, resume_path = path / METRICS_FILE, path / RESUME_FILE
     key = config_hash({"model": config_to_dict(model_cfg), "training": dict(training), "seed": seed,
                        "data": _data_fingerprint(tokens_all)})
 
@@ -587,225 +476,3 @@ def train_model(stage: Stage, model_cfg, train_tensors: Mapping[str, torch.Tenso
             "final_val_loss": rows[-1]["val_loss"] if rows else None}
 
 
-# ----------------------------------------------------------------------------- stage
-
-def _unpack_data(loaded, languages: list[str]):
-    """Accept the data loader's answer as a tuple ``(train, {"validation", "test"}, report)``
-    or as a dict with keys ``train``, ``validation``, ``test`` (and ``languages``)."""
-    if isinstance(loaded, Mapping):
-        if loaded.get("languages") is not None and list(loaded["languages"]) != list(languages):
-            raise ValueError(f"the data stage has languages {loaded['languages']} but the preset "
-                             f"says {languages}; rebuild the data stage")
-        return loaded["train"], {"validation": loaded["validation"], "test": loaded.get("test", {})}
-    train, evals, _report = loaded
-    return train, evals
-
-
-def _input_stages(run: str, share: float, root) -> list[Stage]:
-    """The upstream stages a model is built from: its mixture's data and the tokenizer."""
-    from .presets import mixture_name
-
-    stages = [Stage(run, n, root) for n in (f"data/{mixture_name(share)}", "tokenizer")]
-    return [s for s in stages if s.is_complete()]
-
-
-def _load_tokenizer(run: str, root):
-    try:
-        from .tokenizer import load_tokenizer_stage
-    except ImportError:
-        return None
-    try:
-        return load_tokenizer_stage(run, root)
-    except (ManifestMismatch, FileNotFoundError, OSError):
-        return None
-
-
-def stage_config(preset: Mapping[str, Any], model_name: str) -> dict:
-    """The config a model stage is built from (and checked against)."""
-    size_name, share = parse_model_name(model_name)
-    sizes = preset["models"]["sizes"]
-    if size_name not in sizes:
-        raise ValueError(f"model {model_name!r}: unknown size {size_name!r}; allowed sizes: "
-                         f"{', '.join(sorted(sizes))}")
-    shares = preset["mixtures"]["english_shares"]
-    if not any(abs(share - p) < 1e-9 for p in shares):
-        from .presets import mixture_name
-
-        raise ValueError(f"model {model_name!r}: no mixture with English share {share}; the preset's "
-                         f"mixtures are {[mixture_name(p) for p in shares]}")
-    return {"model_name": model_name, "size_name": size_name, "size": dict(sizes[size_name]),
-            "n_ctx": preset["models"]["n_ctx"], "d_vocab": preset["tokenizer"]["vocab_size"],
-            "act_fn": DEFAULT_ACT_FN, "training": dict(preset["training"]), "seed": preset["seed"],
-            "english_share": share, "languages": list(preset["corpus"]["languages"])}
-
-
-def build_model_stage(preset, run: str, model_name: str, root=None, device: str | None = None,
-                      load_data: Callable | None = None, progress: bool = True) -> Stage:
-    """Train model ``model_name`` (e.g. ``"s-en50"``) of ``run`` unless it is already built
-    from the same config; resume an interrupted training of the same config.
-
-    ``preset``: a preset dict (or a preset name). ``load_data(run, share, root)`` defaults
-    to ``corpus.load_data_stage``. The manifest records the data stage
-    ``data/<mixture>`` and the ``tokenizer`` stage as inputs (when they exist).
-    """
-    if isinstance(preset, str):
-        from .presets import load_preset
-
-        preset = load_preset(preset)
-    config = stage_config(preset, model_name)
-    stage = Stage(run, f"models/{model_name}", root)
-    dist = distributed.init_distributed(device)
-    if not distributed.all_agree(not stage.matches(config)):
-        return stage
-    if load_data is None:
-        from .corpus import load_data_stage as load_data
-    train_tensors, evals = _unpack_data(load_data(run, config["english_share"], root),
-                                        config["languages"])
-    inputs = _input_stages(run, config["english_share"], root)
-    tokenizer = _load_tokenizer(run, root)
-    if tokenizer is not None and len(tokenizer) > config["d_vocab"]:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than tokenizer.vocab_size "
-                         f"{config['d_vocab']} of the preset")
-
-    marker = stage.file("in_progress.json")
-    if dist.is_main:
-        same = marker.exists() and read_json(marker).get("config_hash") == config_hash(config)
-        stage.start(clean=not same)  # keep resume state and checkpoints of the same config
-        write_json(marker, {"config_hash": config_hash(config), "config": config})
-    distributed.barrier()
-
-    cfg = model_config(config["size"], config["n_ctx"], config["d_vocab"], seed=config["seed"],
-                       act_fn=config["act_fn"], name=model_name)
-    t0 = time.time()
-    summary = train_model(stage, cfg, train_tensors, evals["validation"], config["training"],
-                          seed=config["seed"], device=device, languages=config["languages"],
-                          progress=progress,
-                          info={"model_name": model_name, "size_name": config["size_name"],
-                                "size": config["size"], "english_share": config["english_share"]})
-    if dist.is_main:
-        marker.unlink(missing_ok=True)
-        stage.finish(config, inputs=inputs, timings={"train_seconds": time.time() - t0},
-                     summary={k: v for k, v in summary.items() if k != "completed"})
-    distributed.barrier()
-    return stage
-
-
-# ----------------------------------------------------------------------------- loading
-
-def _model_stage(run: str, model_name: str, root=None) -> Stage:
-    stage = Stage(run, f"models/{model_name}", root)
-    stage.require()
-    return stage
-
-
-def list_checkpoints(run: str, model_name: str, root=None) -> list[int]:
-    """Steps with saved weights, ascending (the last is the final step)."""
-    stage = _model_stage(run, model_name, root)
-    folder = stage.file("checkpoints")
-    return sorted(int(p.stem.split("_")[1]) for p in folder.glob("step_*.safetensors"))
-
-
-def load_model(run: str, model_name: str, step: int | None = None, root=None, device: str = "cpu"):
-    """The trained model (``step=None``) or its checkpoint at ``step``, in eval mode, with the
-    run's tokenizer attached when the tokenizer stage exists."""
-    stage = _model_stage(run, model_name, root)
-    cfg = config_from_dict(read_json(stage.file("config.json"))["hooked_transformer"], init_weights=False)
-    if step is None:
-        weights = stage.file("model.safetensors")
-    else:
-        weights = stage.file(checkpoint_name(step))
-        if not weights.exists():
-            raise ValueError(f"model {model_name!r} has no checkpoint at step {step}; available: "
-                             f"{list_checkpoints(run, model_name, root)}")
-    model = build_model(cfg, _load_tokenizer(run, stage.root))
-    model.load_state_dict(load_tensors(weights))
-    model.to(device, print_details=False)
-    model.eval()
-    return model
-
-
-def read_metrics(run: str, model_name: str, root=None):
-    """Training metrics as a DataFrame: step, tokens, train_loss, lr, val_loss_<lang>..."""
-    import pandas as pd
-
-    path = Stage(run, f"models/{model_name}", root).file("metrics.jsonl")
-    if not path.exists():
-        raise ManifestMismatch(f"model {model_name!r} of run {run!r} has no metrics yet ({path}); "
-                               "train it first")
-    rows = []
-    for r in read_jsonl(path):
-        flat = {k: v for k, v in r.items() if k != "val_loss"}
-        flat.update({f"val_loss_{lang}": v for lang, v in r.get("val_loss", {}).items()})
-        rows.append(flat)
-    return pd.DataFrame(rows)
-
-
-# ----------------------------------------------------------------------------- generation
-
-def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
-    enc = tokenizer.encode(text, add_special_tokens=special)
-    return list(enc.ids) if hasattr(enc, "ids") else list(enc)
-
-
-def _special_id(tokenizer, attr: str, default: int) -> int:
-    value = getattr(tokenizer, attr, None)
-    return int(value) if isinstance(value, int) else default
-
-
-@torch.no_grad()
-def greedy_continuations(model, tokenizer, prompts: Mapping[str, str], max_new_tokens: int
-                         ) -> dict[str, str]:
-    """Greedy (argmax, no sampling) continuation of each prompt; stops at EOS.
-
-    Each prompt is encoded without special tokens and preceded by BOS, as in training.
-    Returns only the generated text (special tokens removed).
-    """
-    bos = _special_id(tokenizer, "bos_token_id", BOS_ID)
-    eos = _special_id(tokenizer, "eos_token_id", EOS_ID)
-    device = next(model.parameters()).device
-    n_ctx = model.cfg.n_ctx
-    out = {}
-    for lang, prompt in prompts.items():
-        ids = [bos] + _encode(tokenizer, prompt)
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            window = torch.tensor([(ids + new)[-n_ctx:]], device=device)
-            nxt = int(model(window, return_type="logits")[0, -1].argmax())
-            if nxt == eos:
-                break
-            new.append(nxt)
-        out[lang] = tokenizer.decode(new, skip_special_tokens=True)
-    return out
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mlclt_utils.models",
-                                     description="Train one model of a run (works under torchrun).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="build the stage models/<NAME> of a run")
-    # torchrun reads "--run" as an abbreviation of its own "--run-path": under torchrun write
-    # "--run-name" (or put "--" before the script).
-    train.add_argument("--run", "--run-name", dest="run", required=True, help="run name")
-    train.add_argument("--model", required=True, help="model name, e.g. s-en50")
-    train.add_argument("--preset", default="tiny")
-    train.add_argument("--root", default=None, help="artifact root (default $MLCLT_ARTIFACTS or ./artifacts)")
-    train.add_argument("--device", default=None)
-    train.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
-                       metavar="KEY=VALUE", help="preset override, e.g. training.tokens=100000")
-    args = parser.parse_args(argv)
-    from .presets import load_preset
-
-    preset = load_preset(args.preset, dict(args.overrides))
-    try:
-        stage = build_model_stage(preset, args.run, args.model, root=args.root, device=args.device)
-        if distributed.current().is_main:
-            print(f"model ready: {stage.path}")
-    finally:
-        distributed.cleanup()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,2 @@
+"""Attribution graphs: the circuit-tracer bridge (``circuit_tracer``); graph building and
+figures come with chapter 06."""

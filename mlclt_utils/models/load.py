@@ -1,0 +1,117 @@
+"""Loading trained models and their checkpoints and metrics from the artifact store, and
+greedy generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..artifacts import METRICS_FILE, ManifestMismatch, load_tensors, read_json, read_jsonl
+from ..tokenizer import BOS_ID, EOS_ID
+from .config import build_model, config_from_dict
+from .train import checkpoint_name
+
+# ----------------------------------------------------------------------------- loading
+
+def checkpoint_steps(folder) -> list[int]:
+    """Steps with saved weights in a model folder, ascending (the last is the final step)."""
+    return sorted(int(p.stem.split("_")[1]) for p in (Path(folder) / "checkpoints").glob("step_*.safetensors"))
+
+
+def load_model_from(folder, tokenizer_folder=None, step: int | None = None, device: str = "cpu"):
+    """The model saved in ``folder`` (``step=None``: the final weights, else the checkpoint
+    at ``step``), in eval mode, with the tokenizer of ``tokenizer_folder`` attached."""
+    folder = Path(folder)
+    cfg = config_from_dict(read_json(folder / "config.json")["hooked_transformer"], init_weights=False)
+    weights = folder / ("model.safetensors" if step is None else checkpoint_name(step))
+    if not weights.exists():
+        raise ValueError(f"model {cfg.model_name!r} has no checkpoint at step {step}; available: "
+                         f"{checkpoint_steps(folder)}")
+    tokenizer = None
+    if tokenizer_folder is not None:
+        from ..tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_folder)
+    model = build_model(cfg, tokenizer)
+    model.load_state_dict(load_tensors(weights))
+    model.to(device, print_details=False)
+    model.eval()
+    return model
+
+
+def load_model(run: str, model_name: str, step: int | None = None, root=None, device: str = "cpu"):
+    """The trained model ``model_name`` of ``run`` (``step=None``) or its checkpoint at
+    ``step``, in eval mode, with the run's tokenizer attached. To check it against a preset
+    first, use ``stages.load("models", preset, run, model_name)``."""
+    from ..stages import load_built
+
+    return load_built("models", run, model_name, root, step=step, device=device)
+
+
+def list_checkpoints(run: str, model_name: str, root=None) -> list[int]:
+    """Steps with saved weights, ascending (the last is the final step)."""
+    from ..stages import stage
+
+    st = stage("models", run, model_name, root)
+    st.require()
+    return checkpoint_steps(st.path)
+
+
+def read_metrics(run: str, model_name: str, root=None):
+    """Training metrics as a DataFrame: step, tokens, train_loss, lr, val_loss_<lang>..."""
+    import pandas as pd
+
+    from ..stages import stage
+
+    path = stage("models", run, model_name, root).file(METRICS_FILE)
+    if not path.exists():
+        raise ManifestMismatch(f"model {model_name!r} of run {run!r} has no metrics yet; "
+                               "train it first")
+    rows = []
+    for r in read_jsonl(path):
+        flat = {k: v for k, v in r.items() if k != "val_loss"}
+        flat.update({f"val_loss_{lang}": v for lang, v in r.get("val_loss", {}).items()})
+        rows.append(flat)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- generation
+
+def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
+    enc = tokenizer.encode(text, add_special_tokens=special)
+    return list(enc.ids) if hasattr(enc, "ids") else list(enc)
+
+
+def _special_id(tokenizer, attr: str, default: int) -> int:
+    value = getattr(tokenizer, attr, None)
+    return int(value) if isinstance(value, int) else default
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts: Mapping[str, str], max_new_tokens: int
+                         ) -> dict[str, str]:
+    """Greedy (argmax, no sampling) continuation of each prompt; stops at EOS.
+
+    Each prompt is encoded without special tokens and preceded by BOS, as in training.
+    Returns only the generated text (special tokens removed).
+    """
+    bos = _special_id(tokenizer, "bos_token_id", BOS_ID)
+    eos = _special_id(tokenizer, "eos_token_id", EOS_ID)
+    device = next(model.parameters()).device
+    n_ctx = model.cfg.n_ctx
+    out = {}
+    for lang, prompt in prompts.items():
+        ids = [bos] + _encode(tokenizer, prompt)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            window = torch.tensor([(ids + new)[-n_ctx:]], device=device)
+            nxt = int(model(window, return_type="logits")[0, -1].argmax())
+            if nxt == eos:
+                break
+            new.append(nxt)
+        out[lang] = tokenizer.decode(new, skip_special_tokens=True)
+    return out
+
+

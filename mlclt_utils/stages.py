@@ -1,0 +1,608 @@
+"""The stage mechanism: every artifact of the chain is built, checked and loaded here.
+
+A *stage kind* declares its name, the chapter that builds it, the slice of the preset it
+depends on (``config``), its upstream stages, how it builds and how it loads. Stages live
+at ``<root>/<run>/<kind>`` or ``<root>/<run>/<kind>/<key>`` (``data/en50``,
+``models/s-en50``, ``clt/s-en50``); :func:`stage` is the one place that makes that path.
+
+One driver does the rest for every kind:
+
+* **skip if current**: a stage built from the same config and the same upstream stages
+  (by identity, see ``artifacts``) is not built again;
+* **refuse stale upstream stages**: before building or loading, every upstream stage is
+  checked, recursively, against the config *this* run asks for. One built under another
+  config, from other inputs, or never built raises :class:`StaleStage`, which names the
+  stage, the keys that differ and the command that rebuilds it. Nothing is ever built on
+  an upstream stage that does not match;
+* **in-progress marker and resume**: ``in_progress.json`` is written before the build
+  starts and removed after the manifest; the manifest is written last, so a killed build
+  never looks complete. A rerun of a resumable kind (training) with the same config and
+  inputs keeps the folder and resumes; any other rerun starts clean;
+* **torchrun**: for kinds that train, every rank runs the build, only rank 0 writes the
+  bookkeeping files;
+* **the command line**:
+
+      python -m mlclt_utils.stages status --preset tiny
+      python -m mlclt_utils.stages build models/s-en50 --preset tiny --set training.tokens=2e5
+      torchrun --standalone --nproc_per_node 2 -m mlclt_utils.stages build clt/s-en50 --preset small
+
+Later chapters add their kinds with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from . import distributed
+from .artifacts import (IN_PROGRESS_FILE, RESUME_FILE, ManifestMismatch, Stage, atomic_path,
+                        config_hash, read_json, write_json)
+from .presets import load_preset, mixture_name, mixture_share, model_names, parse_override
+
+
+class StaleStage(ManifestMismatch):
+    """An upstream stage is missing, unfinished, or built under another config or inputs."""
+
+
+class Incomplete:
+    """Returned by a build that stopped early on purpose (e.g. ``max_steps_this_call``):
+    the stage keeps its resume state and is not marked complete."""
+
+
+INCOMPLETE = Incomplete()
+
+
+@dataclass
+class BuildContext:
+    """What a kind's ``build`` gets: the preset, the stage folder to fill and its config."""
+
+    preset: dict
+    run: str
+    key: str | None
+    root: Any
+    stage: Stage
+    config: dict
+    device: str | None = None
+    progress: bool = True
+    options: dict = field(default_factory=dict)
+    is_main: bool = True
+
+    def input(self, kind: str, key: str | None = None, **kwargs):
+        """Load an upstream stage (already checked current by the driver)."""
+        return KINDS[kind].load(stage(kind, self.run, key, self.root), **kwargs)
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    chapter: str                                         # notebook NN that builds it
+    config: Callable[[Mapping, str | None], dict]        # the preset slice it depends on
+    upstream: Callable[[Mapping, str | None], list]      # [(kind, key), ...]
+    build: Callable[[BuildContext], Any]                 # fills ctx.stage; returns manifest extras
+    load: Callable[..., Any]                             # load(stage, **kwargs)
+    keys: Callable[[Mapping], list[str]] | None = None   # allowed keys (None: a kind without key)
+    resumable: bool = False                              # keep the folder of a killed build
+    distributed: bool = False                            # runs on every torchrun rank
+    volatile: tuple[str, ...] = ()                       # files left out of the identity
+
+
+KINDS: dict[str, StageKind] = {}
+
+
+def register(kind: StageKind) -> StageKind:
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> StageKind:
+    if name not in KINDS:
+        raise ValueError(f"unknown stage kind {name!r}; kinds: {', '.join(KINDS)}")
+    return KINDS[name]
+
+
+def _preset(preset) -> dict:
+    return load_preset(preset) if isinstance(preset, str) else preset
+
+
+def stage(kind: str, run: str, key: str | None = None, root=None) -> Stage:
+    """The stage folder of ``kind`` (and ``key``) in ``run``: the only place paths are made."""
+    k = get_kind(kind)
+    if (key is None) != (k.keys is None):
+        raise ValueError(f"stage kind {kind!r} " + ("takes no key" if k.keys is None
+                                                      else "needs a key, e.g. a model name"))
+    return Stage(run, kind if key is None else f"{kind}/{key}", root)
+
+
+def _check_key(kind: StageKind, preset: Mapping, key: str | None) -> None:
+    if kind.keys is not None:
+        allowed = kind.keys(preset)
+        if key not in allowed:
+            raise ValueError(f"stage {kind.name!r}: {key!r} is not one of this preset's "
+                             f"{allowed}")
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, Mapping):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def config_diff(built: Mapping, asked: Mapping) -> list[str]:
+    """``["training.tokens: built with 400000, asked for 100000", ...]``."""
+    a, b = _flat(built), _flat(asked)
+    return [f"{k}: built with {a.get(k, '(absent)')!r}, asked for {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def rebuild_command(kind: str, preset: Mapping, run: str) -> str:
+    """The runner command that rebuilds ``kind`` (its chapter) under this preset and run."""
+    cmd = ["python", "-m", "mlclt_utils.runner", "--preset", preset.get("name", "?")]
+    if run != preset.get("name"):
+        cmd += ["--run", run]
+    cmd += ["--chapters", get_kind(kind).chapter]
+    for k, v in (preset.get("overrides") or {}).items():
+        cmd += ["--param", f"{k}={json.dumps(v)}"]
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def _upstream(kind: StageKind, preset, run, key, root) -> list[Stage]:
+    return [stage(k, run, kk, root) for k, kk in kind.upstream(preset, key)]
+
+
+def require_current(kind: str, preset, run: str | None = None, key: str | None = None,
+                    root=None) -> Stage:
+    """The stage, after checking that it and every stage above it are complete and were
+    built from the config this preset asks for; else :class:`StaleStage`."""
+    preset = _preset(preset)
+    run = run or preset["name"]
+    k = get_kind(kind)
+    _check_key(k, preset, key)
+    ups = []
+    for up_kind, up_key in k.upstream(preset, key):
+        ups.append(require_current(up_kind, preset, run, up_key, root))
+    st = stage(kind, run, key, root)
+    how = f"rebuild it with: {rebuild_command(kind, preset, run)}"
+    if not st.is_complete():
+        state = ("an interrupted build left it unfinished" if st.file(IN_PROGRESS_FILE).exists()
+                 else "it has not been built")
+        raise StaleStage(f"stage {st.name!r} of run {run!r} is not complete ({state}); {how}")
+    manifest = st.manifest()
+    expected = k.config(preset, key)
+    if manifest["config_hash"] != config_hash(expected):
+        diff = "; ".join(config_diff(manifest["config"], expected))
+        raise StaleStage(f"stage {st.name!r} of run {run!r} was built under another "
+                         f"configuration ({diff}); {how}")
+    inputs = {u.name: u.identity() for u in ups}
+    if manifest.get("inputs") != inputs:
+        changed = sorted(n for n in set(inputs) | set(manifest.get("inputs", {}))
+                         if inputs.get(n) != manifest.get("inputs", {}).get(n))
+        raise StaleStage(f"stage {st.name!r} of run {run!r} was built from other versions of "
+                         f"{changed}, which were rebuilt since; {how}")
+    return st
+
+
+def is_current(kind: str, preset, run: str | None = None, key: str | None = None,
+               root=None) -> bool:
+    try:
+        require_current(kind, preset, run, key, root)
+        return True
+    except StaleStage:
+        return False
+
+
+def build(kind: str, preset, run: str | None = None, key: str | None = None, root=None,
+          device: str | None = None, progress: bool = True, **options) -> Stage:
+    """Build stage ``kind``/``key`` of ``run`` for ``preset`` unless it is current.
+
+    Upstream stages must be current (:class:`StaleStage` otherwise, naming the command that
+    rebuilds them). ``options`` go to the kind's build (e.g. ``max_steps_this_call``)."""
+    preset = _preset(preset)
+    run = run or preset["name"]
+    k = get_kind(kind)
+    _check_key(k, preset, key)
+    config = k.config(preset, key)           # raises on a bad value before any work
+    ups = [require_current(uk, preset, run, ukey, root) for uk, ukey in k.upstream(preset, key)]
+    st = stage(kind, run, key, root)
+    inputs = {u.name: u.identity() for u in ups}
+    info = distributed.init_distributed(device) if k.distributed else distributed.DistInfo()
+    manifest = st.manifest() if st.is_complete() else {}
+    current = manifest.get("config_hash") == config_hash(config) and manifest.get("inputs") == inputs
+    if not distributed.all_agree(not current):
+        return st
+
+    marker = st.file(IN_PROGRESS_FILE)
+    claim = {"config_hash": config_hash(config), "inputs": inputs}
+    if info.is_main:
+        same = k.resumable and marker.exists() and _read_marker(marker) == claim
+        st.start(clean=not same)     # a resumable build of the same config keeps its state
+        write_json(marker, {**claim, "config": config})
+    distributed.barrier()
+
+    ctx = BuildContext(preset=preset, run=run, key=key, root=root, stage=st, config=config,
+                       device=device, progress=progress, options=options, is_main=info.is_main)
+    t0 = time.time()
+    extra = k.build(ctx)
+    if isinstance(extra, Incomplete):
+        return st
+    if info.is_main:
+        st.file(RESUME_FILE).unlink(missing_ok=True)
+        st.finish(config, inputs=ups, timings={"build_seconds": time.time() - t0},
+                  volatile=k.volatile, **(extra or {}))
+        marker.unlink()
+    distributed.barrier()
+    return st
+
+
+def _read_marker(marker) -> dict | None:
+    try:
+        m = read_json(marker)
+    except ValueError:
+        return None
+    return {"config_hash": m.get("config_hash"), "inputs": m.get("inputs")}
+
+
+def load(kind: str, preset, run: str | None = None, key: str | None = None, root=None, **kwargs):
+    """What stage ``kind``/``key`` holds, after checking it is current for ``preset``."""
+    preset = _preset(preset)
+    st = require_current(kind, preset, run, key, root)
+    return get_kind(kind).load(st, **kwargs)
+
+
+def load_built(kind: str, run: str, key: str | None = None, root=None, **kwargs):
+    """What a complete stage holds, as built (its inputs must be intact), without a preset:
+    for users who open a run's artifacts directly."""
+    st = stage(kind, run, key, root)
+    st.require()
+    return get_kind(kind).load(st, **kwargs)
+
+
+def chain(preset) -> list[tuple[str, str | None]]:
+    """Every (kind, key) of the chapters 01-03 chain for this preset, in build order."""
+    preset = _preset(preset)
+    names = model_names(preset)
+    out = [("corpus", None), ("tokenizer", None)]
+    out += [("data", mixture_name(p)) for p in preset["mixtures"]["english_shares"]]
+    out += [("models", n) for n in names]
+    out += [("clt", n) for n in names] + [("clt_eval", n) for n in names]
+    return out
+
+
+# ================================================================== the chain's kinds =====
+
+def _write_text_json(path, obj) -> None:
+    """Compact UTF-8 JSON (texts stay readable and about half the size of escaped JSON)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------- corpus -----
+
+def _corpus_config(preset, key=None) -> dict:
+    return {**preset["corpus"], "seed": preset["seed"]}
+
+
+def _build_corpus(ctx: BuildContext):
+    from .data.corpus import check_corpus_config, load_corpus
+
+    check_corpus_config(ctx.config)
+    corpus = load_corpus(ctx.config, ctx.config["seed"])
+    _write_text_json(ctx.stage.file("texts.json"), corpus.texts)
+    _write_text_json(ctx.stage.file("ids.json"), corpus.ids)
+    _write_text_json(ctx.stage.file("parallel.json"), corpus.parallel)
+    with atomic_path(ctx.stage.file("summary.csv")) as tmp:
+        corpus.summary().to_csv(tmp)
+    return {"source": corpus.source}
+
+
+def _load_corpus(st: Stage):
+    from .data.corpus import Corpus
+
+    manifest = st.manifest()
+    return Corpus(languages=list(manifest["config"]["languages"]),
+                  texts=read_json(st.file("texts.json")),
+                  parallel=read_json(st.file("parallel.json")),
+                  source=manifest.get("source", manifest["config"].get("source", "")),
+                  ids=read_json(st.file("ids.json")))
+
+
+register(StageKind("corpus", "01", _corpus_config, lambda p, k: [], _build_corpus, _load_corpus))
+
+
+# ------------------------------------------------------------------------- tokenizer -----
+
+def _tokenizer_config(preset, key=None) -> dict:
+    return {**preset["tokenizer"], "seed": preset["seed"],
+            "model_max_length": preset["models"]["n_ctx"]}
+
+
+def _build_tokenizer(ctx: BuildContext):
+    from .tokenizer import fertility_table, save_tokenizer, train_tokenizer
+
+    corpus = ctx.input("corpus")
+    tok = train_tokenizer(corpus, ctx.config, ctx.config["seed"], ctx.config["model_max_length"])
+    save_tokenizer(tok, ctx.stage.path)
+    if corpus.has_parallel:
+        texts = {lang: corpus.parallel[lang] for lang in corpus.languages}
+    else:
+        texts = {lang: corpus.texts[lang]["test"] for lang in corpus.languages}
+    with atomic_path(ctx.stage.file("fertility.csv")) as tmp:
+        fertility_table(tok, texts).to_csv(tmp)
+    return {"vocab_size": len(tok)}
+
+
+def _load_tokenizer(st: Stage):
+    from .tokenizer import load_tokenizer
+
+    return load_tokenizer(st.path)
+
+
+register(StageKind("tokenizer", "01", _tokenizer_config, lambda p, k: [("corpus", None)],
+                   _build_tokenizer, _load_tokenizer))
+
+
+# ------------------------------------------------------------------------------ data -----
+
+def _data_config(preset, key) -> dict:
+    from .data.datasets import mixture_budgets
+
+    share = mixture_share(preset, key)
+    cfg = {"english_share": share, "languages": list(preset["corpus"]["languages"]),
+           "total_tokens": preset["training"]["tokens"], "n_ctx": preset["models"]["n_ctx"],
+           "weights": preset["mixtures"]["weights"],
+           "eval_tokens_per_language": preset["training"]["eval_tokens_per_language"],
+           "seed": preset["seed"]}
+    mixture_budgets(cfg["languages"], share, cfg["total_tokens"], cfg["weights"])  # checks
+    return cfg
+
+
+def _build_data(ctx: BuildContext):
+    import torch
+
+    from .artifacts import save_tensors
+    from .data.datasets import build_eval_dataset, build_mixture_dataset
+
+    cfg = ctx.config
+    corpus, tokenizer = ctx.input("corpus"), ctx.input("tokenizer")
+    train, report = build_mixture_dataset(corpus, tokenizer, cfg["english_share"],
+                                          cfg["total_tokens"], cfg["n_ctx"], cfg["seed"],
+                                          cfg["weights"])
+    meta = {"languages": ",".join(corpus.languages)}
+    save_tensors(ctx.stage.file("train.safetensors"),
+                 {"tokens": train["tokens"].to(torch.int32), "language": train["language"]}, meta)
+    for split in ("validation", "test"):
+        tensors = build_eval_dataset(corpus, tokenizer, split, cfg["n_ctx"],
+                                     cfg["eval_tokens_per_language"])
+        save_tensors(ctx.stage.file(f"{split}.safetensors"), tensors, meta)
+    write_json(ctx.stage.file("report.json"), {"languages": corpus.languages,
+                                               "english_share": cfg["english_share"],
+                                               "per_language": report})
+
+
+def _load_data(st: Stage) -> dict:
+    """``{"train": {"tokens": LongTensor [N, n_ctx], "language": LongTensor [N]},
+    "validation": {lang: LongTensor}, "test": {lang: LongTensor}, "languages": [...],
+    "report": {...}}``."""
+    from .artifacts import load_tensors
+
+    train = load_tensors(st.file("train.safetensors"))
+    train["tokens"] = train["tokens"].long()
+    report = read_json(st.file("report.json"))
+    return {"train": train,
+            "validation": {k: v.long() for k, v in load_tensors(st.file("validation.safetensors")).items()},
+            "test": {k: v.long() for k, v in load_tensors(st.file("test.safetensors")).items()},
+            "languages": report["languages"], "report": report["per_language"]}
+
+
+register(StageKind("data", "01", _data_config, lambda p, k: [("corpus", None), ("tokenizer", None)],
+                   _build_data, _load_data,
+                   keys=lambda p: [mixture_name(s) for s in p["mixtures"]["english_shares"]]))
+
+
+# ---------------------------------------------------------------------------- models -----
+
+def model_mixture(name: str) -> str:
+    """The mixture a model is trained on: 's-en50' -> 'en50'."""
+    from .models.config import parse_model_name
+
+    return mixture_name(parse_model_name(name)[1])
+
+
+def _model_config(preset, key) -> dict:
+    from .models.config import DEFAULT_ACT_FN, parse_model_name
+
+    size_name, share = parse_model_name(key)
+    return {"model_name": key, "size_name": size_name,
+            "size": dict(preset["models"]["sizes"][size_name]),
+            "n_ctx": preset["models"]["n_ctx"], "d_vocab": preset["tokenizer"]["vocab_size"],
+            "act_fn": DEFAULT_ACT_FN, "training": dict(preset["training"]),
+            "seed": preset["seed"], "english_share": share,
+            "languages": list(preset["corpus"]["languages"])}
+
+
+def _build_model(ctx: BuildContext):
+    from .models.config import model_config
+    from .models.train import train_model
+
+    cfg = ctx.config
+    data = ctx.input("data", model_mixture(ctx.key))
+    tokenizer = ctx.input("tokenizer")
+    if len(tokenizer) > cfg["d_vocab"]:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than "
+                         f"tokenizer.vocab_size {cfg['d_vocab']} of the preset")
+    model_cfg = model_config(cfg["size"], cfg["n_ctx"], cfg["d_vocab"], seed=cfg["seed"],
+                             act_fn=cfg["act_fn"], name=ctx.key)
+    summary = train_model(ctx.stage, model_cfg, data["train"], data["validation"],
+                          cfg["training"], seed=cfg["seed"], device=ctx.device,
+                          languages=cfg["languages"], progress=ctx.progress,
+                          stop_after_step=ctx.options.get("stop_after_step"),
+                          info={"model_name": ctx.key, "size_name": cfg["size_name"],
+                                "size": cfg["size"], "english_share": cfg["english_share"]})
+    if not summary.get("completed", True):
+        return INCOMPLETE
+    return {"summary": {k: v for k, v in summary.items() if k != "completed"}}
+
+
+def _load_model(st: Stage, step: int | None = None, device: str = "cpu"):
+    from .models.load import load_model_from
+
+    tok = stage("tokenizer", st.run, None, st.root)
+    return load_model_from(st.path, tok.path if tok.is_complete() else None, step, device)
+
+
+register(StageKind("models", "02", _model_config,
+                   lambda p, k: [("data", model_mixture(k)), ("tokenizer", None)],
+                   _build_model, _load_model, keys=model_names, resumable=True, distributed=True))
+
+
+# ------------------------------------------------------------------------------ CLTs -----
+
+def clt_kind(cross_layer: bool = True, activation: str = "jumprelu") -> str:
+    """``clt`` for the JumpReLU CLT, ``plt`` for per-layer transcoders, with the activation
+    appended for the other modes (``clt-topk``)."""
+    name = "clt" if cross_layer else "plt"
+    return name if activation == "jumprelu" else f"{name}-{activation}"
+
+
+def _clt_config(cross_layer: bool, activation: str):
+    def config(preset, key) -> dict:
+        clt = {**preset["clt"], "cross_layer": cross_layer, "activation": activation}
+        return {"model_name": key, "clt": clt, "seed": preset["seed"]}
+    return config
+
+
+def _build_clt(ctx: BuildContext):
+    import torch
+
+    from .clt.activations import ActivationBuffer
+    from .clt.formats import save_clt
+    from .clt.model import CLTConfig, CrossLayerTranscoder
+    from .clt.train import train_clt
+
+    cfg, seed = ctx.config["clt"], int(ctx.config["seed"])
+    info = distributed.current()
+    device = ctx.device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    tokens = ctx.input("data", model_mixture(ctx.key))["train"]["tokens"]
+    model = ctx.input("models", ctx.key, device=device)
+    source = ActivationBuffer(model, tokens, cfg["batch_tokens"], cfg["buffer_tokens"], seed=seed,
+                              cache_dir=ctx.options.get("cache_dir"), write_cache=info.is_main)
+    clt_cfg = CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
+                        d_features=cfg["features_per_layer"], activation=cfg["activation"],
+                        cross_layer=cfg["cross_layer"], k=cfg["k"],
+                        threshold_init=cfg["threshold_init"], bandwidth=cfg["bandwidth"])
+    clt = CrossLayerTranscoder(clt_cfg, generator=torch.Generator().manual_seed(seed))
+    summary = train_clt(clt, source, cfg["train_tokens"], cfg, stage=ctx.stage, seed=seed,
+                        device=device, progress=ctx.progress,
+                        max_steps_this_call=ctx.options.get("max_steps_this_call"))
+    if not summary["completed"]:
+        return INCOMPLETE
+    if ctx.is_main:
+        save_clt(clt.to("cpu"), ctx.stage.path)
+    return {"summary": {k: v for k, v in summary.items() if k != "completed"}}
+
+
+def _load_clt(st: Stage, device: str = "cpu"):
+    from .clt.formats import load_clt
+
+    return load_clt(st.path, device=device)
+
+
+def _eval_config(train_kind: str):
+    def config(preset, key) -> dict:
+        return {"model_name": key, "kind": train_kind, "split": "validation",
+                "max_tokens_per_language": preset["clt"]["eval_tokens"], "batch_size": 16}
+    return config
+
+
+def _build_clt_eval(ctx: BuildContext):
+    from .clt.evaluate import evaluate_clt
+
+    cfg = ctx.config
+    data = ctx.input("data", model_mixture(ctx.key))
+    tables = evaluate_clt(ctx.input("models", ctx.key), ctx.input(cfg["kind"], ctx.key),
+                          data[cfg["split"]], cfg["max_tokens_per_language"], cfg["batch_size"])
+    for name, df in tables.items():
+        with atomic_path(ctx.stage.file(f"metrics_{name}.csv")) as tmp:
+            df.to_csv(tmp, index=False)
+
+
+def _load_clt_eval(st: Stage) -> dict:
+    import pandas as pd
+
+    return {name: pd.read_csv(st.file(f"metrics_{name}.csv")) for name in ("layers", "languages")}
+
+
+def _register_clt_kinds() -> None:
+    from .clt.model import ACTIVATIONS
+
+    for cross in (True, False):
+        for activation in ACTIVATIONS:
+            name = clt_kind(cross, activation)
+            register(StageKind(
+                name, "03", _clt_config(cross, activation),
+                lambda p, k: [("models", k), ("data", model_mixture(k))],
+                _build_clt, _load_clt, keys=model_names, resumable=True, distributed=True))
+            register(StageKind(
+                f"{name}_eval", "03", _eval_config(name),
+                lambda p, k, name=name: [(name, k), ("models", k), ("data", model_mixture(k))],
+                _build_clt_eval, _load_clt_eval, keys=model_names))
+
+
+_register_clt_kinds()
+
+
+# ====================================================================== command line =====
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mlclt_utils.stages",
+                                 description="Build one stage of a run, or list the run's stages.")
+    ap.add_argument("command", choices=("build", "status"))
+    ap.add_argument("stage", nargs="?", help="KIND or KIND/KEY, e.g. corpus, models/s-en50")
+    ap.add_argument("--preset", default="tiny")
+    # torchrun reads "--run" as its own "--run-path": under torchrun write "--run-name"
+    ap.add_argument("--run", "--run-name", dest="run", default=None,
+                    help="run name (default: the preset's name)")
+    ap.add_argument("--root", default=None, help="artifact root (default $MLCLT_ARTIFACTS or ./artifacts)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--cache-dir", default=None, help="on-disk activation cache (CLT stages)")
+    ap.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
+                    metavar="KEY=VALUE", help="preset override, e.g. training.tokens=100000")
+    args = ap.parse_args(argv)
+    try:
+        preset = load_preset(args.preset, dict(args.overrides))
+        run = args.run or preset["name"]
+        if args.command == "status":
+            for kind, key in chain(preset):
+                st = stage(kind, run, key, args.root)
+                try:
+                    require_current(kind, preset, run, key, args.root)
+                    state = "current"
+                except StaleStage as err:
+                    state = "stale: " + str(err).split("; rebuild")[0]
+                print(f"{st.name:24s} {state}")
+            return 0
+        if not args.stage:
+            ap.error("build needs a stage, e.g. models/s-en50")
+        kind, _, key = args.stage.partition("/")
+        options = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+        try:
+            st = build(kind, preset, run, key or None, args.root, device=args.device, **options)
+            if distributed.current().is_main:
+                print(f"{st.name} ready: {st.path}")
+        finally:
+            distributed.cleanup()
+    except (ValueError, StaleStage) as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

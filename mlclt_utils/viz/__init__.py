@@ -1,0 +1,1 @@
+"""How the book shows results: figures (``figures``) and tables (``tables``)."""
