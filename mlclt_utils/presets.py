@@ -83,6 +83,12 @@ _BASE: dict[str, Any] = {
         "n_checkpoints": 3,
         "eval_tokens": 8192,
         "dead_window_tokens": 100_000,
+        # the paper's recipe, off here (None): activations from contexts of this many tokens
+        # (a BOS and the next tokens of a row) instead of whole rows; stop training once the
+        # mean L0 falls below this value; clip the gradient norm to this value
+        "context_length": None,
+        "stop_l0": None,
+        "grad_clip": None,
     },
 }
 
@@ -143,7 +149,9 @@ PRESETS: dict[str, dict] = {
         "training": {"tokens": 2_000_000_000, "batch_size": 64, "lr": 6e-4, "n_checkpoints": 16,
                      "eval_every": 1000, "eval_tokens_per_language": 262_144},
         "clt": {"features_per_layer": 32 * 768, "train_tokens": 35_000_000, "batch_tokens": 4096,
-                "buffer_tokens": 4_194_304, "eval_tokens": 262_144, "lr": 2e-4},
+                "buffer_tokens": 4_194_304, "eval_tokens": 262_144, "lr": 2e-4,
+                # the paper's recipe: 16-token contexts, stop at mean L0 < 10, clip at 1
+                "context_length": 16, "stop_l0": 10.0, "grad_clip": 1.0},
     }),
 }
 

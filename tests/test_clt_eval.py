@@ -122,6 +122,69 @@ def test_ce_recovered_is_one_with_error_terms_and_zero_for_zero_ablation():
     assert row["kl"] > 0 and row["ce_replacement"] == pytest.approx(row["ce_zero_ablation"])
 
 
+def test_zero_ablation_removes_every_non_bos_mlp_output_and_keeps_the_same_bos_outputs():
+    """The zero-ablation baseline: every layer's MLP output is 0 at every non-BOS position,
+    and the BOS outputs are kept, exactly where the replacement keeps them."""
+    model = tiny_model()
+    tokens = eval_tokens(3)
+    tokens[1, 4] = BOS                                        # a BOS inside a row too
+    keep = ev.bos_mask(tokens, BOS)
+    seen = {}
+
+    def record(y, hook):
+        seen[hook.name] = y.detach().clone()
+
+    names = [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+    zero = ev.zero_ablation_logits(model, tokens, bos_id=BOS)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+    # the same ablation written out, recording the outputs the forward actually used
+    hooks = [(n, lambda y, hook: torch.where(keep[..., None], y, torch.zeros_like(y))) for n in names]
+    with torch.no_grad():
+        manual = model.run_with_hooks(tokens, fwd_hooks=hooks + [(n, record) for n in names])
+    torch.testing.assert_close(zero, manual, rtol=0, atol=0)
+    for n in names:
+        assert seen[n][~keep].abs().max() == 0                # removed everywhere else
+    # at BOS positions the outputs are the model's own (position 0 sees no other token)
+    torch.testing.assert_close(seen[names[0]][:, 0], cache[names[0]][:, 0])
+    # a CLT that reconstructs 0 turns the replacement into exactly this ablation
+    silent = tiny_clt()
+    with torch.no_grad():
+        for W in silent.W_dec:
+            W.zero_()
+        silent.b_dec.zero_()
+    torch.testing.assert_close(ev.replacement_logits(model, silent, tokens, bos_id=BOS), zero,
+                               rtol=0, atol=1e-6)
+    # removing the BOS outputs as well would be a different (harsher) baseline
+    with torch.no_grad():
+        harsher = model.run_with_hooks(tokens, fwd_hooks=[(n, lambda y, hook: torch.zeros_like(y))
+                                                          for n in names])
+    assert (harsher - zero).abs().max() > 1e-3
+
+
+def test_pooled_rows_cover_only_the_chosen_languages():
+    model, clt = tiny_model(), tiny_clt()
+    sets = {"en": eval_tokens(3, seed=1), "fr": eval_tokens(2, seed=2), "de": eval_tokens(2, seed=3)}
+    every = ev.replacement_metrics(model, clt, sets, batch_size=2)
+    seen = ev.replacement_metrics(model, clt, sets, batch_size=2, pooled_languages=["fr", "de"])
+    alone = ev.replacement_metrics(model, clt, {k: sets[k] for k in ("fr", "de")}, batch_size=2)
+    assert seen["language"].tolist() == ["en", "fr", "de", "all"]       # every language kept
+    per_lang = seen.set_index("language").loc[["en", "fr", "de"]]
+    for col in ("n_tokens", "ce_original", "ce_replacement", "ce_recovered", "kl"):
+        assert per_lang[col].tolist() == pytest.approx(
+            every.set_index("language").loc[["en", "fr", "de"], col].tolist())
+        assert seen.iloc[-1][col] == pytest.approx(alone.iloc[-1][col])    # pooled: fr + de
+    assert seen.iloc[-1]["n_tokens"] == 4 * (CTX - 2) < every.iloc[-1]["n_tokens"]
+    # the reconstruction statistics pool the same way
+    pooled = ev.ReconstructionStats(L, D, F)
+    ev._reconstruction_stats(model, clt, sets, 2, pooled=pooled, pooled_languages=["fr", "de"])
+    pooled_alone = ev.ReconstructionStats(L, D, F)
+    ev._reconstruction_stats(model, clt, {k: sets[k] for k in ("fr", "de")}, 2, pooled=pooled_alone)
+    assert pooled.frame()["fvu"].tolist() == pytest.approx(pooled_alone.frame()["fvu"].tolist())
+    with pytest.raises(ValueError, match="pooled_languages"):
+        ev.replacement_metrics(model, clt, sets, pooled_languages=["zh"])
+
+
 def test_reconstruction_metrics_stream_and_match_a_direct_computation():
     from mlclt_utils.clt.activations import collect_mlp_io
 

@@ -121,6 +121,31 @@ def test_buffer_disk_cache_is_reused(tiny_model, tokens, tmp_path):
     assert third.chunks_computed == 1
 
 
+def test_context_windows_give_short_contexts(tiny_model, tokens):
+    from mlclt_utils.clt.activations import context_windows
+
+    w = context_windows(tokens, 6, BOS)
+    assert w.shape == (30 * 3, 6) and (w[:, 0] == BOS).all()          # (16 - 1) // 5 windows a row
+    assert torch.equal(w[0, 1:], tokens[0, 1:6]) and torch.equal(w[1, 1:], tokens[0, 6:11])
+    assert torch.equal(w[3, 1:], tokens[1, 1:6])
+    assert torch.equal(context_windows(tokens, 16, BOS), tokens)      # already short enough
+    with pytest.raises(ValueError, match="context_length"):
+        context_windows(tokens, 1, BOS)
+    buf = ActivationBuffer(tiny_model, tokens, batch_tokens=32, buffer_tokens=128, seed=0,
+                           bos_id=BOS, context_length=6)
+    assert torch.equal(buf.tokens, w)
+    assert buf.tokens_per_epoch == int((w[:, 1:] != BOS).sum())
+    short_x, _ = collect_mlp_io(tiny_model, w, bos_id=BOS)
+    full_x, _ = collect_mlp_io(tiny_model, tokens, bos_id=BOS)
+    served = torch.cat([buf.batch(t)[0] for t in range(4)]).flatten(1)
+
+    def dist(a, b):
+        return torch.cdist(a, b.flatten(1), compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+
+    assert dist(served, short_x).max() < 1e-4            # activations of the short contexts
+    assert dist(served, full_x).max() > 1e-2             # not those of the whole rows
+
+
 # ------------------------------------------------------------------ training --------
 
 def test_lambda_schedule_and_checkpoint_steps():
@@ -154,6 +179,54 @@ def test_training_reduces_fvu_and_logs_metrics(tmp_path):
     assert torch.allclose(xt.norm(dim=-1).mean(0), torch.full((2,), 4.0), rtol=0.05)
 
 
+def test_grad_clip_clips_the_global_gradient_norm(monkeypatch):
+    x, y = _synthetic()
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        total = clip(params, max_norm, *a, **k)
+        norms.append((float(total), float(torch.cat([p.grad.reshape(-1) for p in params
+                                                     if p.grad is not None]).norm()), max_norm))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    runs = {}
+    for clip_at in (None, 1e-3):
+        clt = _new_clt()
+        train_clt(clt, TensorSource(x, y, 256, seed=0), 256 * 3,
+                  _cfg(batch_tokens=256, grad_clip=clip_at), progress=False)
+        runs[clip_at] = clt.W_enc.detach().clone()
+    assert len(norms) == 3                                # called on every step, only when set
+    for before, after, max_norm in norms:
+        assert max_norm == 1e-3 and before > 1e-3 and after == pytest.approx(1e-3, rel=1e-4)
+    assert not torch.equal(runs[None], runs[1e-3])
+    with pytest.raises(ValueError, match="grad_clip"):
+        train_clt(_new_clt(), TensorSource(x, y, 256), 256, _cfg(grad_clip=-1.0), progress=False)
+
+
+def test_stop_l0_ends_training_as_complete_and_stays_stopped(tmp_path):
+    x, y = _synthetic()
+    cfg = _cfg(batch_tokens=256, lr=3e-3, lambda_max=5.0, lambda_warmup_fraction=0.0,
+               n_checkpoints=1)
+    free = train_clt(_new_clt(), TensorSource(x, y, 256, seed=0), 256 * 40, cfg, progress=False,
+                     log_every=4)
+    assert free["completed"] and not free["stopped_at_l0"] and free["step"] == 40
+    stop = 0.5 * sum(free["final"]["l0"]) / 2 + 0.5 * 32      # reached well before the end
+    stage = Stage("t", "clt/m", root=tmp_path)
+    out = train_clt(_new_clt(), TensorSource(x, y, 256, seed=0), 256 * 40,
+                    dict(cfg, stop_l0=stop), stage=stage, progress=False, log_every=4)
+    assert out["completed"] and out["stopped_at_l0"] and out["step"] < 40
+    rows = [__import__("json").loads(r) for r in stage.file("metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == out["step"] and sum(rows[-1]["l0"]) / 2 < stop
+    assert all(sum(r["l0"]) / 2 >= stop for r in rows[:-1])
+    assert stage.file(f"checkpoints/step_{out['step']:07d}.safetensors").exists()
+    again = train_clt(_new_clt(), TensorSource(x, y, 256, seed=0), 256 * 40,
+                      dict(cfg, stop_l0=stop), stage=stage, progress=False, log_every=4)
+    assert again["completed"] and again["stopped_at_l0"] and again["step"] == out["step"]
+
+
 @pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
 def test_resume_equals_uninterrupted(tmp_path, activation):
     x, y = _synthetic()
@@ -178,7 +251,10 @@ def test_resume_equals_uninterrupted(tmp_path, activation):
     assert state["step"] == 12
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
+def test_two_process_gloo_matches_single_process(tmp_path, activation):
+    """Data-parallel training equals one process on the whole batch; for BatchTopK that
+    needs the selection over the global batch, not over each rank's slice."""
     x, y = _synthetic(n=2048, dtype=torch.float64)
     cfg = _cfg(batch_tokens=256)
     n_tokens = 256 * 6
@@ -193,7 +269,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         from mlclt_utils.clt.train import train_clt
         info = distributed.init_distributed("cpu")
         data = torch.load(sys.argv[1], weights_only=True)
-        clt = CrossLayerTranscoder(CLTConfig(2, 16, 64),
+        clt = CrossLayerTranscoder(CLTConfig(2, 16, 64, activation={activation!r}),
                                    generator=torch.Generator().manual_seed(0)).double()
         out = train_clt(clt, TensorSource(data["x"], data["y"], 256, seed=2), {n_tokens},
                         {cfg!r}, progress=False)
@@ -210,7 +286,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = torch.load(tmp_path / "out.pt", weights_only=True)
-    clt = _new_clt(dtype=torch.float64)
+    clt = _new_clt(dtype=torch.float64, activation=activation)
     train_clt(clt, TensorSource(x, y, 256, seed=2), n_tokens, cfg, progress=False)
     for name, a in clt.state_dict().items():
         assert torch.allclose(a, two[name], rtol=1e-9, atol=1e-11), name

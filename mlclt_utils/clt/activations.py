@@ -62,6 +62,28 @@ def kept_mask(tokens: Tensor, bos_id: int) -> Tensor:
     return keep
 
 
+def context_windows(tokens: Tensor, context_length: int, bos_id: int) -> Tensor:
+    """Token rows [R, T] cut into short contexts [R * W, context_length] for CLT training.
+
+    Each window is a BOS followed by the next ``context_length - 1`` tokens of its row (the
+    tokens after the row's own BOS, in order, W = (T - 1) // (context_length - 1) windows
+    per row, a last incomplete one dropped), so every trained position sees at most
+    ``context_length - 1`` tokens of context, as in the paper's 16-token contexts. Windows
+    are in row-major order. Rows already no longer than ``context_length`` are returned as
+    they are."""
+    tokens = torch.as_tensor(tokens).long()
+    c = int(context_length)
+    if c < 2:
+        raise ValueError(f"context_length must be at least 2 (a BOS and one token), got {c}")
+    if tokens.shape[-1] <= c:
+        return tokens
+    body = tokens[:, 1:]
+    n = body.shape[1] // (c - 1)
+    body = body[:, :n * (c - 1)].reshape(-1, c - 1)
+    bos = torch.full((body.shape[0], 1), int(bos_id), dtype=tokens.dtype)
+    return torch.cat([bos, body], dim=1)
+
+
 def hook_names(n_layers: int, input_hook: str = DEFAULT_INPUT_HOOK,
                output_hook: str = DEFAULT_OUTPUT_HOOK) -> tuple[list[str], list[str]]:
     return ([f"blocks.{l}.{input_hook}" for l in range(n_layers)],
@@ -168,13 +190,15 @@ class ActivationBuffer:
 
     See the module docstring for the scheme. ``cache_dir=None`` disables the disk cache;
     ``write_cache=False`` reads the cache but never writes it (non-main ranks).
+    ``context_length`` (preset key ``clt.context_length``): train on short contexts, the
+    rows cut by ``context_windows`` (None: whole rows).
     """
 
     def __init__(self, model, tokens: Tensor, batch_tokens: int, buffer_tokens: int, seed: int = 0,
                  lm_batch_size: int = 32, cache_dir: str | os.PathLike | None = None,
                  write_cache: bool = True, bos_id: int | None = None,
                  input_hook: str = DEFAULT_INPUT_HOOK, output_hook: str = DEFAULT_OUTPUT_HOOK,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, context_length: int | None = None):
         self.model = model
         self.tokens = torch.as_tensor(tokens).long()
         self.batch_tokens = int(batch_tokens)
@@ -184,6 +208,12 @@ class ActivationBuffer:
         self.n_layers, self.d_model = model.cfg.n_layers, model.cfg.d_model
         self.names_in, self.names_out = hook_names(self.n_layers, input_hook, output_hook)
         self.bos_id = _bos_id(model, bos_id)
+        self.context_length = context_length
+        if context_length is not None:
+            n_ctx = self.tokens.shape[-1]
+            self.tokens = context_windows(self.tokens, context_length, self.bos_id)
+            # as many tokens per model forward as with whole rows
+            self.lm_batch_size *= max(1, n_ctx // self.tokens.shape[-1])
         self.keep = kept_mask(self.tokens, self.bos_id)
         self.kept_per_row = self.keep.sum(1)
         self.tokens_per_epoch = int(self.kept_per_row.sum())

@@ -14,15 +14,24 @@ but at every layer k the MLP output (``blocks.k.hook_mlp_out``) is replaced by t
 reconstruction y^_k = sum_{l <= k} W_dec[l -> k] a_l + b_dec[k], where the features a_l
 read the MLP input of the replacement forward pass itself (``blocks.l.ln2.hook_normalized``).
 One forward pass with hooks does it, layer by layer. Metrics, per language: next-token CE of
-the original, the replacement and the zero-ablated model (every MLP output set to 0), KL
-(original || replacement) per token, top-1 agreement, and CE loss recovered =
-(CE_zero - CE_replacement) / (CE_zero - CE_original).
+the original, the replacement and the zero-ablated model (every MLP output at every non-BOS
+position set to 0, see below), KL (original || replacement) per token, top-1 agreement, and
+CE loss recovered = (CE_zero - CE_replacement) / (CE_zero - CE_original).
 
 BOS positions. The CLT is trained without BOS tokens, so at BOS positions the replacement
-(and the zero ablation) keep the model's own MLP output, as circuit-tracer leaves position 0
-out of its graphs. Scored predictions are those made at a non-BOS position about a non-BOS
-next token, for every metric alike. (The first prediction of a row, made at the BOS, is
-therefore not scored: the CE here differs slightly from the training chapter's.)
+keeps the model's own MLP output, as circuit-tracer leaves position 0 out of its graphs. The
+zero ablation keeps exactly the same BOS outputs, so that both baselines of CE recovered
+change the same positions and the score is about those positions only: removing the BOS
+outputs too would make the zero ablation worse by an amount the CLT plays no part in (the
+BOS residual is what later tokens attend to), and inflate the recovered share. Scored
+predictions are those made at a non-BOS position about a non-BOS next token, for every
+metric alike. (The first prediction of a row, made at the BOS, is therefore not scored: the
+CE here differs slightly from the training chapter's.)
+
+Pooled rows. ``replacement_metrics(..., pooled_languages=...)`` (and the reconstruction
+statistics) can pool the ``"all"`` row over a subset of the languages, e.g. only those with
+a non-zero share in the model's training mixture, so that a language the model never saw
+does not weigh on it; the per-language rows always cover every language.
 
 With ``add_error=True`` each replaced output gets the error term y_k - y^_k, where y_k is the
 true MLP output computed inside the same forward pass: the sum is the true output, so the
@@ -148,9 +157,29 @@ def reconstruction_metrics(model, clt, tokens: Tensor, batch_size: int = 16,
     return _reconstruction_stats(model, clt, {"_": tokens}, batch_size, bos_id)["_"].frame()
 
 
+def _pooled_set(tokens_by_lang: Mapping[str, Tensor], pooled_languages) -> set:
+    """The languages that enter the pooled row: all of them, or ``pooled_languages``."""
+    if pooled_languages is None:
+        return set(tokens_by_lang)
+    if isinstance(pooled_languages, str):
+        pooled_languages = [pooled_languages]
+    chosen = set(pooled_languages)
+    unknown = sorted(chosen - set(tokens_by_lang))
+    if unknown:
+        raise ValueError(f"pooled_languages {unknown} are not among the evaluated languages "
+                         f"{sorted(tokens_by_lang)}")
+    if not chosen:
+        raise ValueError("pooled_languages is empty: give at least one language, or None for all")
+    return chosen
+
+
 def _reconstruction_stats(model, clt, tokens_by_lang: Mapping[str, Tensor], batch_size: int,
                           bos_id: int | None = None,
-                          pooled: ReconstructionStats | None = None) -> dict:
+                          pooled: ReconstructionStats | None = None,
+                          pooled_languages=None) -> dict:
+    """Per-language ``ReconstructionStats``; ``pooled`` (if given) also accumulates the
+    languages in ``pooled_languages`` (None: every language)."""
+    pool = _pooled_set(tokens_by_lang, pooled_languages)
     clt.eval()
     device = clt.W_enc.device
     cfg = clt.cfg
@@ -164,7 +193,7 @@ def _reconstruction_stats(model, clt, tokens_by_lang: Mapping[str, Tensor], batc
             x, y = x.to(device, clt.W_enc.dtype), y.to(device, clt.W_enc.dtype)
             y_hat, acts = clt(x)
             stats.update(y, y_hat, acts)
-            if pooled is not None:
+            if pooled is not None and lang in pool:
                 pooled.update(y, y_hat, acts)
         out[lang] = stats
     return out
@@ -227,7 +256,9 @@ def replacement_logits(model, clt, tokens: Tensor, add_error: bool = False,
 
 @torch.no_grad()
 def zero_ablation_logits(model, tokens: Tensor, clt=None, bos_id: int | None = None) -> Tensor:
-    """Logits with every MLP output set to 0 (except at BOS positions, like the replacement)."""
+    """Logits with the MLP output of every layer set to 0 at every non-BOS position. At BOS
+    positions (position 0 and BOS tokens) the model's own MLP outputs are kept, exactly
+    where the replacement keeps them (see the module docstring for why)."""
     n_layers = model.cfg.n_layers
     keep = bos_mask(tokens, _bos_id(model, bos_id))[..., None]
     hook_name = clt.cfg.output_hook if clt is not None else "hook_mlp_out"
@@ -273,13 +304,18 @@ class ReplacementStats:
 
 @torch.no_grad()
 def replacement_metrics(model, clt, tokens_by_lang: Mapping[str, Tensor], batch_size: int = 16,
-                        add_error: bool = False, bos_id: int | None = None, pooled: bool = True):
+                        add_error: bool = False, bos_id: int | None = None, pooled: bool = True,
+                        pooled_languages=None):
     """Per-language replacement-model metrics (DataFrame, one row per language and, with
-    ``pooled``, a row ``"all"`` over every scored token): n_tokens, ce_original,
-    ce_replacement, ce_zero_ablation, ce_recovered, kl (original || replacement, nats per
-    token), top1_agreement. ``tokens_by_lang``: ``{lang: LongTensor [M, n_ctx]}``."""
+    ``pooled``, a row ``"all"`` over the scored tokens of the pooled languages): n_tokens,
+    ce_original, ce_replacement, ce_zero_ablation, ce_recovered, kl (original ||
+    replacement, nats per token), top1_agreement. ``tokens_by_lang``: ``{lang: LongTensor
+    [M, n_ctx]}``. ``pooled_languages``: the languages pooled into ``"all"`` (e.g. those
+    with a non-zero share in the model's training mixture); None pools every language.
+    The per-language rows cover every language either way."""
     import pandas as pd
 
+    pool = _pooled_set(tokens_by_lang, pooled_languages)
     clt.eval()
     bos = _bos_id(model, bos_id)
     device = next(model.parameters()).device
@@ -293,10 +329,10 @@ def replacement_metrics(model, clt, tokens_by_lang: Mapping[str, Tensor], batch_
             original = model(chunk, return_type="logits")[:, :-1]
             replaced = replacement_logits(model, clt, chunk, add_error=add_error, bos_id=bos)[:, :-1]
             zero = zero_ablation_logits(model, chunk, clt, bos_id=bos)[:, :-1]
-            for s in (stats, total):
+            for s in (stats, total) if lang in pool else (stats,):
                 s.update(chunk[:, 1:], scored, original, replaced, zero)
         rows.append({"language": lang, **stats.row()})
-    if pooled and len(rows) > 1:
+    if pooled and (len(rows) > 1 or pooled_languages is not None):
         rows.append({"language": "all", **total.row()})
     return pd.DataFrame(rows)
 

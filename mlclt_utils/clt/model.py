@@ -13,8 +13,9 @@ TopK (the k largest pre-activations of each token and layer, after a ReLU) or Ba
 (the k * n_tokens largest of a layer over the whole batch, so k per token on average;
 during training a per-layer threshold is tracked as a running mean of the smallest kept
 activation, buffer ``batchtopk_threshold``, and in eval mode it replaces the batch
-selection, so that inference does not depend on the other tokens of the batch). With ``cross_layer=False`` every
-layer decodes only to itself: a per-layer transcoder (PLT).
+selection, so that inference does not depend on the other tokens of the batch; under
+torchrun the selection is over the global batch of all ranks, see ``_batch_threshold``).
+With ``cross_layer=False`` every layer decodes only to itself: a per-layer transcoder (PLT).
 
 The loss (in normalised space, averaged over tokens) is
 
@@ -128,6 +129,13 @@ class _JumpReLU(torch.autograd.Function):
 
 def jumprelu(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
     return _JumpReLU.apply(z, theta, bandwidth)
+
+
+def _world_size() -> int:
+    """Number of torch.distributed ranks (1 when it is not initialised)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 # ------------------------------------------------------------------- sparse kernels -----
@@ -574,6 +582,8 @@ class CrossLayerTranscoder(nn.Module):
             return h * (h > self.batchtopk_threshold.unsqueeze(-1))
         L, F = cfg.n_layers, cfg.d_features
         hb = h.reshape(-1, L, F).transpose(0, 1).reshape(L, -1)          # [L, N*F]
+        if _world_size() > 1:
+            return self._global_batchtopk(hb).reshape(L, -1, F).transpose(0, 1).reshape(h.shape)
         n_tok = hb.shape[1] // F
         keep = min(cfg.k * n_tok, hb.shape[1])
         vals, idx = hb.topk(keep, dim=-1)
@@ -585,6 +595,38 @@ class CrossLayerTranscoder(nn.Module):
             self.batchtopk_threshold.mul_(0.99).add_(0.01 * pos)
         a = torch.zeros_like(hb).scatter(-1, idx, vals)
         return a.reshape(L, -1, F).transpose(0, 1).reshape(h.shape)
+
+    def _global_batchtopk(self, hb: Tensor) -> Tensor:
+        """BatchTopK over the global batch when torch.distributed runs with several ranks.
+
+        Each rank holds a slice of the batch; selecting k * n_local on every slice would keep
+        a different set than the single-process selection over the whole batch (a rank whose
+        tokens have larger pre-activations would get no more than its share). So the ranks
+        agree on one threshold per layer, the (k * n_global)-th largest pre-activation of the
+        global batch: the union of every rank's local top-(k * n_global) values holds it, so
+        one all-gather of those values gives it exactly. Each rank then keeps h >= that
+        threshold (and h > 0), which is the single-process selection up to ties. The running
+        inference threshold is updated with the global smallest kept value, identical on
+        every rank. Every rank must call this together (training forward passes only)."""
+        import torch.distributed as dist
+
+        L, F = self.cfg.n_layers, self.cfg.d_features
+        with torch.no_grad():
+            n_local = torch.tensor([hb.shape[1] // F], dtype=torch.int64, device=hb.device)
+            dist.all_reduce(n_local)
+            keep = min(self.cfg.k * int(n_local), int(n_local) * F)
+            local = hb.topk(min(keep, hb.shape[1]), dim=-1).values
+            padded = torch.full((L, keep), float("-inf"), dtype=hb.dtype, device=hb.device)
+            padded[:, :local.shape[1]] = local
+            gathered = [torch.empty_like(padded) for _ in range(_world_size())]
+            dist.all_gather(gathered, padded)
+            kth = torch.cat(gathered, dim=1).topk(keep, dim=-1).values[:, -1]        # [L]
+            mask = (hb >= kth[:, None]) & (hb > 0)
+            pos = torch.where(mask, hb, torch.full_like(hb, float("inf"))).amin(-1)
+            dist.all_reduce(pos, op=dist.ReduceOp.MIN)
+            pos = torch.where(torch.isfinite(pos), pos, self.batchtopk_threshold)
+            self.batchtopk_threshold.mul_(0.99).add_(0.01 * pos)
+        return hb * mask
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations [..., L, F] of raw MLP inputs [..., L, d]."""

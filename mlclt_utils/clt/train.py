@@ -81,6 +81,12 @@ def _check_cfg(cfg: Mapping[str, Any]) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"the CLT training config lacks {missing}; pass the preset's 'clt' section")
+    # optional keys of the paper's recipe: None (or absent) turns each off
+    for key, low in (("grad_clip", 0.0), ("stop_l0", 0.0), ("context_length", 1)):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value <= low):
+            raise ValueError(f"clt.{key} must be None or a number above {low}, got {value!r}")
 
 
 
@@ -108,7 +114,13 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
     ``batch(t) -> (x, y)`` of ``cfg["batch_tokens"]`` rows, e.g. ``ActivationBuffer``).
 
     ``cfg``: the preset's ``clt`` section (batch_tokens, lr, lambda_max,
-    lambda_warmup_fraction, tanh_c, preact_coeff, n_checkpoints, dead_window_tokens).
+    lambda_warmup_fraction, tanh_c, preact_coeff, n_checkpoints, dead_window_tokens, and
+    the optional ``grad_clip`` and ``stop_l0``). ``grad_clip``: clip the global gradient
+    norm (after the all-reduce, so every rank clips alike) to this value before each
+    update; None: no clipping. ``stop_l0``: stop training early, as completed, at the
+    first logged row (every ``log_every`` steps) whose mean L0 over the interval and the
+    layers is below this value; the step is checkpointed and the run counts as complete,
+    with ``stopped_at_l0`` in the summary. None: train for all ``n_tokens``.
     ``stage``: where metrics, checkpoints and the resume state go (None: nothing is
     written and nothing resumed). The scales are set from the first batches when training
     starts (they are buffers of the CLT, so checkpoints and the resume state keep them).
@@ -116,8 +128,8 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
     many updates / seconds, after saving the resume state. ``sparse``: passed to
     ``CrossLayerTranscoder.loss`` (None: the fast path where it applies).
 
-    Returns a summary: completed, step, n_steps, resumed_from, tokens, seconds,
-    tokens_per_second and the last metrics row.
+    Returns a summary: completed, stopped_at_l0, step, n_steps, resumed_from, tokens,
+    seconds, tokens_per_second and the last metrics row.
     """
     _check_cfg(cfg)
     info = distributed.current()
@@ -148,11 +160,15 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
     acc = torch.zeros(3, L, dtype=torch.float64)               # fvu, l0, mse sums since last row
     acc_loss = torch.zeros(3, dtype=torch.float64)             # total, sparsity, preact sums
     n_acc = 0
+    grad_clip = cfg.get("grad_clip")
+    stop_l0 = cfg.get("stop_l0")
+    l0_stopped = False
     state = distributed.load_resume_state(resume_path, key)
     if state is not None:
         clt.load_state_dict(state["clt"])
         optimizer.load_state_dict(state["optimizer"])
         start, n_acc = int(state["step"]), int(state["n_acc"])
+        l0_stopped = bool(state.get("stopped_at_l0", False))
         last_fire, acc, acc_loss = state["last_fire"], state["acc"], state["acc_loss"]
     else:
         # normalisation scales from the first global batches (the same on every rank)
@@ -172,7 +188,7 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
     def save_resume(step: int) -> None:
         if info.is_main and resume_path is not None:
             blob = {"key": key, "step": step, "n_acc": n_acc, "last_fire": last_fire, "acc": acc,
-                    "acc_loss": acc_loss,
+                    "acc_loss": acc_loss, "stopped_at_l0": l0_stopped,
                     "clt": {k: v.detach().cpu() for k, v in clt.state_dict().items()},
                     "optimizer": optimizer.state_dict()}
             with atomic_path(resume_path) as tmp:
@@ -202,7 +218,7 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
     last_row = None
     lam = lambda_at(step, n_steps, cfg["lambda_max"], cfg["lambda_warmup_fraction"])
     stopped = False
-    while step < n_steps:
+    while step < n_steps and not l0_stopped:
         budget_out = ((max_steps_this_call is not None and step - start >= max_steps_this_call)
                       or (max_seconds is not None and time.perf_counter() - t0 > max_seconds))
         if distributed.all_agree(budget_out):
@@ -224,6 +240,8 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
             losses = extra[L * F + stats.numel():] / info.world_size
             if clt.cfg.activation == "batchtopk":
                 clt.batchtopk_threshold.copy_(distributed.mean_across_ranks(clt.batchtopk_threshold))
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, float(grad_clip))
         optimizer.step()
         step += 1
         acc += stats.to("cpu", torch.float64)
@@ -240,7 +258,10 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last_row) + "\n")
             bar.set_postfix(fvu=f"{sum(last_row['fvu']) / L:.3f}", l0=f"{sum(last_row['l0']) / L:.1f}")
-        if step in ckpts and info.is_main and folder is not None:
+            if stop_l0 is not None:
+                # the row is built from all-reduced statistics: every rank sees the same
+                l0_stopped = distributed.all_agree(sum(last_row["l0"]) / L < float(stop_l0))
+        if (step in ckpts or l0_stopped) and info.is_main and folder is not None:
             save_tensors(folder / checkpoint_name(step), clt.state_dict(),
                          {"step": str(step), "clt_config": json.dumps(clt.cfg.to_dict())})
             save_resume(step)
@@ -254,7 +275,8 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
     if last_row is None and metrics_path is not None and metrics_path.exists():
         rows = read_jsonl(metrics_path)
         last_row = rows[-1] if rows else None
-    return {"completed": step >= n_steps, "step": step, "n_steps": n_steps, "resumed_from": start,
+    return {"completed": step >= n_steps or l0_stopped, "stopped_at_l0": l0_stopped,
+            "step": step, "n_steps": n_steps, "resumed_from": start,
             "tokens": step * B, "seconds": seconds,
             "tokens_per_second": (step - start) * B / max(seconds, 1e-9),
             "local_batch_tokens": n_local, "final": last_row}
