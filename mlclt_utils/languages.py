@@ -70,3 +70,11 @@ def language_rng(seed: int, lang: str, *extra: int) -> np.random.Generator:
     """A random generator seeded by the run's seed and the language (and ``extra`` ints), so
     that each language's draws do not depend on which other languages the run has."""
     return np.random.default_rng([int(seed), zlib.crc32(lang.encode()), *extra])
+
+
+def first_words(text: str, lang: str, n: int = 6) -> str:
+    """The first ``n`` words of ``text`` (for languages written without spaces, the first
+    ``n + 2`` characters, about as much text)."""
+    if lang in NO_SPACE_LANGUAGES:
+        return text[:n + 2]
+    return " ".join(text.split()[:n])

@@ -10,7 +10,7 @@ never 0, which circuit-tracer needs).
 The saved tokenizer does not insert BOS by itself: TransformerLens prepends
 ``tokenizer.bos_token`` when asked (``prepend_bos=True``), and the data sets of
 ``corpus`` put BOS at the start of every sequence. Give TransformerLens a tokenizer
-loaded from its folder (``load_tokenizer`` / ``load_tokenizer_stage``): it reloads the
+loaded from its folder (``load_tokenizer``, or ``stages.load("tokenizer", ...)``): it reloads the
 tokenizer by its ``name_or_path``, which a freshly trained, unsaved one lacks.
 
 It is saved as a Hugging Face tokenizer folder, loadable with

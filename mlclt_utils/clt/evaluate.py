@@ -46,7 +46,6 @@ on top of the real MLPs, and sae-lens splices single-layer SAEs.
 from __future__ import annotations
 
 import math
-import time
 from functools import partial
 from typing import Mapping
 
@@ -54,7 +53,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..tokenizer import PAD_ID
 from .activations import _bos_id, collect_mlp_io, kept_mask
 
 

@@ -1,4 +1,4 @@
-"""Training of cross-layer transcoders: the loop, its resume state, and the stage builder.
+"""Training of cross-layer transcoders: the loop and its resume state.
 
 ``train_clt`` runs Adam on ``CrossLayerTranscoder.loss`` with the sparsity coefficient
 lambda ramped linearly from 0 to ``lambda_max`` over ``lambda_warmup_fraction`` of the
@@ -15,14 +15,14 @@ Files written into the stage folder: ``metrics.jsonl`` (one row per logging inte
 ``checkpoints/step_*.safetensors`` and ``resume.pt`` (loaded with ``weights_only=True``),
 from which an interrupted run continues and ends where an uninterrupted one would.
 
-Command line (works under torchrun):
+The stage that trains a run's CLT is built by ``mlclt_utils.stages`` (works under torchrun):
 
-    python -m mlclt_utils.clt.train --run-name tiny --model s-en50 --preset tiny [--per-layer]
+    python -m mlclt_utils.stages build clt/s-en50 --preset tiny
+    python -m mlclt_utils.stages build plt-topk/s-en50 --preset tiny     # per-layer, TopK
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any, Mapping
@@ -30,9 +30,8 @@ from typing import Any, Mapping
 import torch
 
 from .. import distributed
-from ..artifacts import Stage, atomic_path, config_hash, read_json, read_jsonl, save_tensors, write_json
-from ..presets import parse_override
-from .model import ACTIVATIONS, CLTConfig, CrossLayerTranscoder
+from ..artifacts import METRICS_FILE, RESUME_FILE, Stage, atomic_path, config_hash, read_jsonl, save_tensors
+from .model import CrossLayerTranscoder
 
 REQUIRED_KEYS = ("batch_tokens", "lr", "lambda_max", "lambda_warmup_fraction", "tanh_c",
                  "preact_coeff")
@@ -151,8 +150,8 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
     key = config_hash({"clt": clt.cfg.to_dict(), "train": dict(cfg), "n_tokens": int(n_tokens),
                        "seed": seed, "source": fingerprint})
     folder = stage.path if stage is not None else None
-    resume_path = folder / "resume.pt" if folder is not None else None
-    metrics_path = folder / "metrics.jsonl" if folder is not None else None
+    resume_path = folder / RESUME_FILE if folder is not None else None
+    metrics_path = folder / METRICS_FILE if folder is not None else None
 
     # ------------------------------------------------------------ state -------------
     start = 0

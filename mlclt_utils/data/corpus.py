@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..languages import bible_code, check_languages
+from ..languages import NO_SPACE_LANGUAGES, bible_code, check_languages
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("bible", "hf", "text")
@@ -141,7 +141,7 @@ def clean_verse(text: str, lang: str) -> str:
     if lang == "zh":
         t = _ZH_NOTE.sub("", t)
     t = normalize_text(t)
-    if lang in ("zh", "ja"):
+    if lang in NO_SPACE_LANGUAGES:
         t = _CJK_SPACE.sub("", t)
     if not any(ch.isalnum() for ch in t):
         return ""
@@ -149,7 +149,7 @@ def clean_verse(text: str, lang: str) -> str:
 
 
 def _join_verses(verses: Iterable[str], lang: str) -> str:
-    sep = "" if lang in ("zh", "ja") else " "
+    sep = "" if lang in NO_SPACE_LANGUAGES else " "
     return sep.join(verses)
 
 

@@ -345,8 +345,8 @@ def train_model(stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
     Resumes from ``resume.pt`` when it was written by a run with the same settings and
     data (also with another number of processes: the global batch is the same).
     ``stop_after_step`` makes the call return right after that update, as if the process
-    had been killed (for tests of resuming). Does not write the manifest (see
-    ``build_model_stage``). Returns a summary dict; ``completed`` is False after a stop.
+    had been killed (for tests of resuming). Does not write the manifest (the stage
+    driver, ``mlclt_utils.stages``, does). Returns a summary dict; ``completed`` is False after a stop.
     """
     _check_training(training)
     dist = distributed.init_distributed(device)
