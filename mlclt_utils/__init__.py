@@ -40,6 +40,7 @@ _PUBLIC = {
     "parallel_verse_examples": "features.examples",
     "check_targets": "clt.targets",
     "record_results": "results",
+    "table": "viz.table",
     "read_results": "results",
 }
 _RENAMED = {"record_results": "record", "read_results": "read_all"}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .artifacts import ENV_ROOT
 from .presets import PRESETS, load_preset, parse_override
+from .viz.progress import PLAIN_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -85,8 +86,31 @@ def run_chapter(source: Path, parameters: dict, kernel: str = "python3") -> Path
         raise ChapterFailed(
             f"chapter {source.stem} failed in cell {err.exec_count} "
             f"({err.ename}: {err.evalue}); the partial notebook is {tmp}") from None
+    tidy_executed(tmp)
     os.replace(tmp, out)
     return out
+
+
+HIDDEN_TAGS = {"parameters", "injected-parameters"}
+
+
+def tidy_executed(path: Path) -> None:
+    """Make an executed chapter read as a book page: the notebook's and papermill's
+    parameter cells are removed from the page (the chapter's header shows the run's
+    parameters once), and progress output keeps only the final state of each bar."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if HIDDEN_TAGS & set(tags) and "remove-cell" not in tags:
+            tags.append("remove-cell")
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                output["text"] = "\n".join(
+                    ([seg for seg in line.split("\r") if seg.strip()] or [""])[-1]
+                    for line in output["text"].split("\n"))
+    nbformat.write(nb, str(path))
 
 
 def build_book(strict: bool = True) -> Path:
@@ -121,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     # Chapters run with the notebooks folder as working directory; without this the default
     # relative root would put the artifacts there instead of at the repository root.
     os.environ.setdefault(ENV_ROOT, str(REPO / "artifacts"))
+    os.environ[PLAIN_ENV] = "1"        # progress bars as text in the executed chapters
 
     try:
         if not args.build_only:

@@ -1,6 +1,7 @@
 """The tiny chain end to end, then the book build in strict mode."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,11 @@ def test_tiny_chain_and_book(tmp_path):
         assert page.exists(), f"{page} was not built"
     # executed chapters carry their figures as images, so the book reads without a kernel
     assert "<img" in (html / "book" / "chapters" / "02_train_models.html").read_text()
+    for page in sorted(html.rglob("*.html")):
+        text = page.read_text()
+        assert not fetched_from_network(text), f"{page.name} fetches {fetched_from_network(text)}"
+        for private in (str(REPO), str(tmp_path)):
+            assert private not in text, f"{page.name} prints the build machine's path {private}"
     # a rerun finds every stage up to date and repeats cleanly
     again = subprocess.run([sys.executable, "-m", "mlclt_utils.runner", "--preset", "tiny",
                             "--chapters", "01", "--no-build"],
@@ -33,3 +39,18 @@ def test_runner_refuses_bad_preset_before_work():
     done = subprocess.run([sys.executable, "-m", "mlclt_utils.runner", "--preset", "huge"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "unknown preset 'huge'" in done.stderr
+
+
+def fetched_from_network(html: str) -> list[str]:
+    """Scripts and stylesheets a page loads from the network (a test of the test below)."""
+    scripts = re.findall(r"<script[^>]*\ssrc=[\"'](https?:)?//([^\"']+)", html)
+    sheets = [m for m in re.findall(r"<link[^>]*>", html)
+              if "stylesheet" in m and re.search(r"href=[\"'](https?:)?//", m)]
+    return [s[1] for s in scripts] + sheets
+
+
+def test_network_check_sees_remote_scripts_and_sheets():
+    assert fetched_from_network('<script src="https://cdn.x/require.js"></script>') == ["cdn.x/require.js"]
+    assert fetched_from_network('<link rel="stylesheet" href="//fonts.x/a.css">')
+    assert not fetched_from_network('<script src="../_static/a.js"></script><link rel="stylesheet" href="_static/b.css">')
+    assert not fetched_from_network('<script>const u = "https://unpkg.com/thebe";</script>')

@@ -148,6 +148,15 @@ def test_context_windows_give_short_contexts(tiny_model, tokens):
 
 # ------------------------------------------------------------------ training --------
 
+def test_paper_preset_follows_the_paper_recipe_and_the_others_keep_it_off():
+    paper = load_preset("paper")["clt"]
+    assert (paper["context_length"], paper["stop_l0"], paper["grad_clip"]) == (16, 10.0, 1.0)
+    for name in ("tiny", "small", "colab"):
+        clt = load_preset(name)["clt"]
+        assert (clt["context_length"], clt["stop_l0"], clt["grad_clip"]) == (None, None, None)
+    assert load_preset("tiny", {"clt.context_length": 16})["clt"]["context_length"] == 16
+
+
 def test_lambda_schedule_and_checkpoint_steps():
     assert lambda_at(0, 100, 2.0, 0.5) == 0.0
     assert lambda_at(25, 100, 2.0, 0.5) == pytest.approx(1.0)

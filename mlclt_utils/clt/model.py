@@ -236,9 +236,10 @@ class _ActivePairs:
 
 
 @torch.no_grad()
-def _jump_preactivations(xt: Tensor, W_enc: Tensor, b_enc: Tensor, theta: Tensor,
+def _jump_preactivations(xt: Tensor, W_enc: Tensor, b_enc: Tensor, lower: Tensor,
                          holder: dict) -> tuple[Tensor, Tensor]:
-    """h = x~ W_enc + b_enc ([L, N, F], one batched GEMM) and the mask h > theta.
+    """h = x~ W_enc + b_enc ([L, N, F], one batched GEMM) and the mask h > lower [L, F]
+    (the bottom of the threshold's kernel window: the pairs that fired or lie in it).
 
     Fresh [L, N, F] allocations cost as much as the GEMM itself (page faults on every
     step), so both live in buffers kept in ``holder`` and reused by the next call; neither
@@ -251,20 +252,21 @@ def _jump_preactivations(xt: Tensor, W_enc: Tensor, b_enc: Tensor, theta: Tensor
         holder["mask"] = torch.empty(L, N, F, dtype=torch.bool, device=xt.device)
     mask = holder["mask"]
     torch.baddbmm(b_enc.unsqueeze(1), xt, W_enc, out=h)
-    torch.gt(h, theta.unsqueeze(1), out=mask)
+    torch.gt(h, lower.unsqueeze(1), out=mask)
     return h, mask
 
 
 @torch.no_grad()
-def _window_below(h: Tensor, mask: Tensor, theta: Tensor, bandwidth: float, holder: dict) -> Tensor:
-    """[L, N, F] bool: theta - eps/2 < h <= theta, the pairs that did not fire but lie in the
-    threshold's kernel window (a reused buffer, like ``h``). Every active pair has
-    h > theta > theta - eps/2, so XOR with the active mask leaves exactly the pairs below."""
-    w = holder.get("window")
-    if w is None or w.shape != mask.shape or w.device != mask.device:
-        w = holder["window"] = torch.empty_like(mask)
-    torch.gt(h, (theta - bandwidth / 2).unsqueeze(1), out=w)
-    return w.bitwise_xor_(mask)
+def _split_pairs(h: Tensor, mask: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat indices of the active pairs (h > theta) and of the window pairs below theta
+    (theta - eps/2 < h <= theta), both sorted, from the mask of ``_jump_preactivations``:
+    one pass over the dense mask, then a split of the (short) list of its pairs."""
+    L, N, F = h.shape
+    flat = mask.view(-1).nonzero().squeeze(1)
+    layer = torch.div(flat, N * F, rounding_mode="floor")
+    lf = layer * F + (flat - torch.div(flat, F, rounding_mode="floor") * F)
+    fired = h.view(-1)[flat] > theta.reshape(-1)[lf]
+    return flat[fired], flat[~fired]
 
 
 def _pre_sum(xt: Tensor, x_sum: Tensor, W_enc: Tensor, b_enc: Tensor, theta: Tensor,
@@ -279,8 +281,8 @@ def _pre_sum(xt: Tensor, x_sum: Tensor, W_enc: Tensor, b_enc: Tensor, theta: Ten
 class _SparseJumpEncode(torch.autograd.Function):
     """JumpReLU encoder that returns only the active pairs, and the pre-activation sums.
 
-    Forward (given h and its mask from ``_jump_preactivations``, and the window mask from
-    ``_window_below``): the active pairs, their values a = h, the window pairs below theta
+    Forward (given h from ``_jump_preactivations`` and the pair lists from
+    ``_split_pairs``): the active pairs, their values a = h, the window pairs below theta
     with their values a = 0, and P[l, f] = sum_n ReLU(theta - h) (see ``_pre_sum``).
 
     Backward: dL/dh = -gP[l, f] where h < theta (from P), g_a at active pairs (from a).
@@ -295,14 +297,14 @@ class _SparseJumpEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, mask: Tensor, xt: Tensor, W_enc: Tensor, b_enc: Tensor,
-                log_threshold: Tensor, bandwidth: float, window: Tensor, holder: dict):
+    def forward(ctx, h: Tensor, split: tuple[Tensor, Tensor], xt: Tensor, W_enc: Tensor,
+                b_enc: Tensor, log_threshold: Tensor, bandwidth: float, holder: dict):
         L, N, F = h.shape
         theta = log_threshold.exp()
-        flat = mask.view(-1).nonzero().squeeze(1)
+        flat, flat_window = split
         vals = h.view(-1)[flat]
         pairs = _ActivePairs(flat, L, N, F)
-        wpairs = _ActivePairs(window.view(-1).nonzero().squeeze(1), L, N, F)
+        wpairs = _ActivePairs(flat_window, L, N, F)
         wvals = torch.zeros(wpairs.lf.numel(), dtype=vals.dtype, device=vals.device)
         holder["pairs"], holder["wpairs"] = pairs, wpairs
         lf = pairs.lf
@@ -352,7 +354,7 @@ class _SparseJumpEncode(torch.autograd.Function):
             g_theta = g_theta.view(L, F) + g_pre * (N - pairs.count.view(L, F))
             grad_log = g_theta * theta
         ctx.pairs = ctx.wpairs = None
-        return None, None, None, grad_W, grad_b, grad_log, None, None, None
+        return None, None, None, grad_W, grad_b, grad_log, None, None
 
 
 def _float_mask(cond: str, a: Tensor, b: Tensor) -> Tensor:
@@ -700,21 +702,25 @@ class CrossLayerTranscoder(nn.Module):
             raise ValueError("the sparse path exists for the JumpReLU activation only")
         if sparse:
             xt = (x * self.input_scale.unsqueeze(-1)).transpose(0, 1).contiguous()   # [L, N, d]
-            h, mask = _jump_preactivations(xt, self.W_enc, self.b_enc, self.threshold, self._work)
             eps = self.cfg.bandwidth
-            args = (h, mask, xt, self.W_enc, self.b_enc, self.log_threshold, eps)
+            theta = self.threshold.detach()
+            h, mask = _jump_preactivations(xt, self.W_enc, self.b_enc, theta - eps / 2, self._work)
+            # mode: the sparse kernels while the active pairs, plus the window pairs at a
+            # third of their cost, stay below DENSE_ABOVE of all pairs
             budget = DENSE_ABOVE * mask.numel()
-            cost = int(torch.count_nonzero(mask))
-            window = None
-            if cost <= budget:
-                window = _window_below(h, mask, self.threshold.detach(), eps, self._work)
-                cost += WINDOW_PAIR_COST * int(torch.count_nonzero(window))
-            if cost > budget:
+            split = None
+            if WINDOW_PAIR_COST * int(torch.count_nonzero(mask)) <= budget:
+                split = _split_pairs(h, mask, theta)
+                if split[0].numel() + WINDOW_PAIR_COST * split[1].numel() > budget:
+                    split = None
+            if split is None:
+                args = (h, mask, xt, self.W_enc, self.b_enc, self.log_threshold, eps)
                 *a, sparsity, pre_sum, fire_counts = _DenseJumpEncode.apply(*args, norms, tanh_c)
                 y_hat = self._decode_layers(a)
                 sparsity = sparsity / N
             else:
-                vals, wvals, pre_sum = _SparseJumpEncode.apply(*args, window, self._work)
+                vals, wvals, pre_sum = _SparseJumpEncode.apply(
+                    h, split, xt, self.W_enc, self.b_enc, self.log_threshold, eps, self._work)
                 pairs, wpairs = self._work.pop("pairs"), self._work.pop("wpairs")
                 y_hat = _SparseDecode.apply(vals, wvals, pairs, wpairs, self.cfg.cross_layer,
                                             *self.W_dec)

@@ -207,9 +207,9 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
                 "dead_fraction": dead.tolist(), "dead_window_tokens": dead_window}
 
     # ------------------------------------------------------------- loop -------------
-    from tqdm.auto import tqdm
+    from ..viz.progress import progress_bar
 
-    bar = tqdm(total=n_steps, initial=start, disable=not (progress and info.is_main),
+    bar = progress_bar(total=n_steps, initial=start, disable=not (progress and info.is_main),
                desc="train CLT", unit="step")
     t0 = time.perf_counter()
     clt.train()

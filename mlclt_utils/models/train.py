@@ -433,9 +433,9 @@ def train_model(stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
 
     if start == 0:
         record(0, None)
-    from tqdm.auto import tqdm
+    from ..viz.progress import progress_bar
 
-    bar = tqdm(total=total, initial=start, disable=not (progress and dist.is_main),
+    bar = progress_bar(total=total, initial=start, disable=not (progress and dist.is_main),
                desc=f"train {stage.name}", unit="step")
     running = torch.zeros(1, device=device)  # summed on the device: no sync per step
     t0 = time.perf_counter()

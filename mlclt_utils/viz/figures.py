@@ -1,147 +1,122 @@
-"""Figures of the chapters (matplotlib, so the book renders them as images)."""
+"""Figures of the chapters (matplotlib, rendered as images, so the book reads without a
+kernel). Every figure follows ``viz.style``: one text column wide, fixed language colours
+and order, labelled colour bars, axes zoomed when the values sit in a narrow band."""
 
 from __future__ import annotations
 
-import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..languages import language_name
-
-
-def _label(lang: str) -> str:
-    try:
-        return f"{lang} ({language_name(lang)})"
-    except ValueError:
-        return lang
+from .style import (bar_labels, language_colour, language_label, language_order, panels,
+                    zoom_to_data)
 
 
 # ---- chapter 01 -------------------------------------------------------------------------
 
-def fertility_figure(fertility: pd.DataFrame):
-    """Three panels: tokens per unit, share of multi-piece units, tokens relative to English."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    langs = list(fertility.index)
-    colours = ["tab:gray" if lang == "en" else "tab:blue" for lang in langs]
-    panels = [
-        ("tokens_per_unit", "tokens per word\n(per character for zh, ja)"),
-        ("multi_piece_share", "share of words split into ≥ 2 pieces\n(zh, ja: characters not in the vocabulary)"),
-        ("ratio_to_reference", "tokens for the same verses,\nrelative to English"),
-    ]
-    for ax, (column, title) in zip(axes, panels):
-        ax.bar(langs, fertility[column], color=colours)
-        ax.set_title(title, fontsize=10)
-        for i, v in enumerate(fertility[column]):
-            if not (isinstance(v, float) and math.isnan(v)):
-                ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+def fertility_figure(fertility: pd.DataFrame, order: Sequence[str] | None = None):
+    """Three panels, one per row: tokens per word, share of words split into several
+    pieces, and tokens for the same verses relative to English."""
+    langs = language_order(fertility.index, order or list(fertility.index))
+    fertility = fertility.loc[langs]
+    fig, axes = panels(3, per_row=1, height=2.0, sharex=True)
+    colours = [language_colour(lang) for lang in langs]
+    rows = [("tokens_per_unit", "tokens per word (per character for zh, ja)"),
+            ("multi_piece_share", "share of words split into ≥ 2 pieces"),
+            ("ratio_to_reference", "tokens relative to English, same verses")]
+    for ax, (column, title) in zip(axes, rows):
+        values = fertility[column].astype(float)
+        bars = ax.bar(langs, values.fillna(0), color=colours)
+        bar_labels(ax, bars)
+        ax.set_title(title, loc="left")
     axes[2].axhline(1.0, color="k", lw=0.8, ls="--")
-    fig.suptitle("Tokenizer fertility on the parallel set", y=1.03)
-    fig.tight_layout()
+    axes[2].set_xticks(range(len(langs)), [language_label(lang) for lang in langs])
     return fig
 
+
+# ---- chapter 02 -------------------------------------------------------------------------
 
 def _val_columns(df: pd.DataFrame, languages) -> dict[str, str]:
     """Map language -> the metrics column holding its validation loss."""
-    out = {}
-    for lang in languages:
-        for col in (f"val_loss_{lang}", f"val_loss/{lang}", f"val/{lang}", lang):
-            if col in df.columns:
-                out[lang] = col
-                break
-    return out
+    return {lang: f"val_loss_{lang}" for lang in languages if f"val_loss_{lang}" in df.columns}
 
 
 def loss_curves(metrics: Mapping[str, pd.DataFrame], languages):
-    """One panel per model: validation loss per language against training tokens."""
-    n = len(metrics)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), sharey=True, squeeze=False)
-    for ax, (name, df) in zip(axes.flat, metrics.items()):
+    """One panel per model (two side by side): validation loss per language against
+    training tokens, the training loss in grey; one shared legend under the panels."""
+    fig, axes = panels(len(metrics), per_row=2, height=2.6, sharey=True)
+    for ax, (name, df) in zip(axes, metrics.items()):
         val = _val_columns(df, languages)
         evals = df.dropna(subset=list(val.values())) if val else df
-        for lang, col in val.items():
-            ax.plot(evals["tokens"], evals[col], marker=".", label=lang)
         if "train_loss" in df:
-            ax.plot(df["tokens"], df["train_loss"], color="k", alpha=0.25, lw=0.8, label="train")
+            ax.plot(df["tokens"], df["train_loss"], color="k", alpha=0.2, lw=0.8, label="train")
+        for lang, col in val.items():
+            ax.plot(evals["tokens"], evals[col], marker=".", ms=4, color=language_colour(lang),
+                    label=language_label(lang))
         ax.set_xscale("log")
         ax.set_title(name)
         ax.set_xlabel("training tokens")
-        ax.grid(alpha=0.3)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    axes[0, 0].set_ylabel("validation loss (nats/token)")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    axes[0].set_ylabel("validation loss\n(nats per token)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6))
     return fig
 
 
-def final_losses(metrics: Mapping[str, pd.DataFrame], languages) -> pd.DataFrame:
-    """Last validation loss per model (rows) and language (columns), plus the gap to English."""
-    rows = {}
-    for name, df in metrics.items():
-        val = _val_columns(df, languages)
-        last = df.dropna(subset=list(val.values())).iloc[-1]
-        rows[name] = {lang: float(last[col]) for lang, col in val.items()}
-    table = pd.DataFrame(rows).T[list(languages)]
-    if "en" in table:
-        others = [lang for lang in languages if lang != "en"]
-        table["gap to en (mean)"] = table[others].mean(axis=1) - table["en"]
-    return table
-
-
-def loss_heatmap(table: pd.DataFrame, title: str = "final validation loss"):
-    table = table[[c for c in table.columns if not str(c).startswith("gap")]]
-    fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2, 0.5 * table.shape[0] + 1.5))
-    im = ax.imshow(table.values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
-    ax.set_yticks(range(table.shape[0]), table.index)
-    for i in range(table.shape[0]):
-        for j in range(table.shape[1]):
-            v = table.values[i, j]
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < np.nanmean(table.values) else "k", fontsize=8)
-    fig.colorbar(im, ax=ax)
-    ax.set_title(title)
-    fig.tight_layout()
+def gap_figure(final: pd.DataFrame, shares: Mapping[str, float]):
+    """The English-dominance gap of each model against its mixture's English share."""
+    fig, axes = panels(1, height=2.6)
+    ax = axes[0]
+    names = [n for n in final.index if n in shares]
+    x = [100 * shares[n] for n in names]
+    y = final.loc[names, "gap to English"].to_numpy(dtype=float)
+    ax.plot(x, y, marker="o", color=language_colour("en"))
+    for xi, yi, n in zip(x, y, names):
+        ax.annotate(n, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("English share of the training mixture (%)")
+    ax.set_ylabel("gap to English\n(nats per token)")
+    ax.axhline(0, color="k", lw=0.6)
     return fig
 
 
 # ---- chapter 03 -------------------------------------------------------------------------
 
 def clt_layer_figure(layers: pd.DataFrame):
-    """FVU, L0 and dead fraction by layer, one line per model (index level 'model')."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for name, df in layers.groupby(level="model"):
+    """FVU, L0 and dead fraction by layer, one line per model (index level 'model');
+    one panel per row so that each keeps the text column's width."""
+    fig, axes = panels(3, per_row=1, height=1.9, sharex=True)
+    for name, df in layers.groupby(level="model", sort=False):
         for ax, col in zip(axes, ("fvu", "l0", "dead_fraction")):
-            ax.plot(df["layer"], df[col], marker="o", label=name)
-    for ax, title in zip(axes, ("FVU (target variance)", "L0 (active features / token)",
-                                "dead features (fraction)")):
-        ax.set_title(title)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+            ax.plot(df["layer"], df[col], marker="o", ms=4, label=name)
+    for ax, title in zip(axes, ("FVU (share of the MLP output's variance left unexplained)",
+                                "L0 (active features per token)", "dead features (share)")):
+        ax.set_title(title, loc="left")
+    axes[-1].set_xlabel("layer")
+    axes[-1].xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(title="model", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
-def ce_recovered_figure(languages: pd.DataFrame):
-    """CE loss recovered and top-1 agreement of the replacement model, per language and model."""
+def ce_recovered_figure(languages: pd.DataFrame, order: Sequence[str] | None = None):
+    """CE loss recovered and top-1 agreement of the replacement model, per language
+    (grouped bars, one colour per model). Axes zoom to the data when every bar sits near
+    the same value, so differences between languages show."""
     df = languages.reset_index(level="model")
     df = df[df["language"] != "all"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    fig, axes = panels(2, per_row=1, height=2.3, sharex=True)
     for ax, col, title in ((axes[0], "ce_recovered", "CE loss recovered"),
                            (axes[1], "top1_agreement", "top-1 agreement with the model")):
         table = df.pivot(index="language", columns="model", values=col)
-        table.plot.bar(ax=ax, rot=0, legend=False)
-        ax.set_title(title)
-        ax.set_ylim(min(0.0, float(np.nanmin(table.values)) - 0.05),
-                    max(1.0, float(np.nanmax(table.values))) + 0.05)
-        ax.axhline(0, color="k", lw=0.6)
-        ax.grid(alpha=0.3, axis="y")
-    axes[1].legend(title="model", fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.tight_layout()
+        table = table.loc[language_order(table.index, order or list(table.index))]
+        models = list(dict.fromkeys(df["model"]))
+        width = 0.8 / max(len(models), 1)
+        for i, m in enumerate(models):
+            ax.bar(np.arange(len(table)) + (i - (len(models) - 1) / 2) * width, table[m], width,
+                   label=m)
+        ax.set_title(title, loc="left")
+        if not zoom_to_data(ax, table.values):
+            ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(range(len(table)), [language_label(lang) for lang in table.index])
+    axes[0].legend(title="model", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
+
