@@ -492,7 +492,8 @@ def _build_clt(ctx: BuildContext):
     tokens = ctx.input("data", model_mixture(ctx.key))["train"]["tokens"]
     model = ctx.input("models", ctx.key, device=device)
     source = ActivationBuffer(model, tokens, cfg["batch_tokens"], cfg["buffer_tokens"], seed=seed,
-                              cache_dir=ctx.options.get("cache_dir"), write_cache=info.is_main)
+                              cache_dir=ctx.options.get("cache_dir"), write_cache=info.is_main,
+                              context_length=cfg["context_length"])
     clt_cfg = CLTConfig(n_layers=model.cfg.n_layers, d_model=model.cfg.d_model,
                         d_features=cfg["features_per_layer"], activation=cfg["activation"],
                         cross_layer=cfg["cross_layer"], k=cfg["k"],
@@ -514,10 +515,22 @@ def _load_clt(st: Stage, device: str = "cpu"):
     return load_clt(st.path, device=device)
 
 
+def trained_languages(preset, model_name: str) -> list[str]:
+    """The languages with a non-zero budget in the model's mixture (e.g. no English for an
+    en0 model): pooled figures and targets use these only."""
+    from .data.datasets import mixture_budgets
+
+    cfg = _data_config(preset, model_mixture(model_name))
+    budgets = mixture_budgets(cfg["languages"], cfg["english_share"], cfg["total_tokens"],
+                              cfg["weights"])
+    return [lang for lang in cfg["languages"] if budgets[lang] > 0]
+
+
 def _eval_config(train_kind: str):
     def config(preset, key) -> dict:
         return {"model_name": key, "kind": train_kind, "split": "validation",
-                "max_tokens_per_language": preset["clt"]["eval_tokens"], "batch_size": 16}
+                "max_tokens_per_language": preset["clt"]["eval_tokens"], "batch_size": 16,
+                "pooled_languages": trained_languages(preset, key)}
     return config
 
 
@@ -527,7 +540,8 @@ def _build_clt_eval(ctx: BuildContext):
     cfg = ctx.config
     data = ctx.input("data", model_mixture(ctx.key))
     tables = evaluate_clt(ctx.input("models", ctx.key), ctx.input(cfg["kind"], ctx.key),
-                          data[cfg["split"]], cfg["max_tokens_per_language"], cfg["batch_size"])
+                          data[cfg["split"]], cfg["max_tokens_per_language"], cfg["batch_size"],
+                          pooled_languages=cfg["pooled_languages"])
     for name, df in tables.items():
         with atomic_path(ctx.stage.file(f"metrics_{name}.csv")) as tmp:
             df.to_csv(tmp, index=False)

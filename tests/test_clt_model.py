@@ -56,6 +56,19 @@ def test_shapes_and_interface():
     assert out["fire_counts"].shape == (3, 24)
 
 
+def test_initialisation_uses_the_reference_scales():
+    """Encoder uniform in +/- 1/sqrt(F), decoders in +/- 1/sqrt(L d) (circuit-tracer,
+    featflow), thresholds at threshold_init, biases 0."""
+    L, d, F = 3, 16, 400
+    clt = _clt(L=L, d=d, F=F)
+    enc, dec = 1 / math.sqrt(F), 1 / math.sqrt(L * d)
+    assert clt.W_enc.abs().max() <= enc and clt.W_enc.abs().max() > 0.95 * enc
+    for W in clt.W_dec:
+        assert W.abs().max() <= dec and W.abs().max() > 0.95 * dec
+    assert clt.b_enc.abs().max() == 0 and clt.b_dec.abs().max() == 0
+    assert clt.cfg.bandwidth == 0.1
+
+
 def test_scales_normalise_to_sqrt_d():
     clt = _clt(L=3, d=8)
     x, y = _data()
@@ -221,9 +234,9 @@ def test_threshold_gradient_matches_finite_difference_of_smoothed_loss(monkeypat
 
     The construction makes the two equal up to O(eps / theta): theta = 1, eps = 1e-3;
     features 0-3 have pre-activations just below the top of the kernel window
-    (h = theta + eps/2 - 1e-6, so they are active and the smoothed step is 1 - 1e-3),
-    features 4-5 just above its bottom (h = theta - eps/2 + 1e-6: they do not fire, the
-    smoothed step is 1e-3), features 6-7 are far above theta and features 8-9 far below
+    (h = theta + eps/2 - 1e-7, so they are active and the smoothed step is 1 - 1e-4),
+    features 4-5 just above its bottom (h = theta - eps/2 + 1e-7: they do not fire, the
+    smoothed step is 1e-4), features 6-7 are far above theta and features 8-9 far below
     (where only the pre-activation term depends on theta). The smoothed loss then has
     d/dtheta = -(h/eps) * dL/da at window positions on both sides, the STE gives
     -(theta/eps) * dL/da."""
@@ -232,10 +245,10 @@ def test_threshold_gradient_matches_finite_difference_of_smoothed_loss(monkeypat
     x, y = _data(n=32, L=L, d=d)
     y = y + 2.0     # a mean far from the reconstruction: dL/da does not cancel over tokens
     clt.set_scales_from(x, y)
-    levels = torch.tensor([1 + eps / 2 - 1e-6] * 4 + [1 - eps / 2 + 1e-6] * 2 + [2.0] * 2 + [0.2] * 2,
+    levels = torch.tensor([1 + eps / 2 - 1e-7] * 4 + [1 - eps / 2 + 1e-7] * 2 + [2.0] * 2 + [0.2] * 2,
                           dtype=torch.float64)
     with torch.no_grad():
-        clt.W_enc.mul_(1e-9)                 # tiny per-token variation, inside the window
+        clt.W_enc.mul_(1e-11)                # tiny per-token variation, inside the window
         clt.b_enc.copy_(levels.expand(L, F))
     kw = dict(lambda_sparsity=0.3, tanh_c=4.0, preact_coeff=0.05)
     out = clt.loss(x, y, sparse=sparse, **kw)
@@ -245,7 +258,7 @@ def test_threshold_gradient_matches_finite_difference_of_smoothed_loss(monkeypat
     ste = clt.log_threshold.grad.clone()
 
     monkeypatch.setattr(clt_model, "jumprelu", _smoothed_jumprelu(eps))
-    step = 1e-8
+    step = 1e-9
     fd = torch.zeros_like(ste)
     with torch.no_grad():
         for l in range(L):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import CHAIN, MICRO, RUN, micro_preset
+from mlclt_utils import stages
 from mlclt_utils.artifacts import IN_PROGRESS_FILE, load_tensors
 from mlclt_utils.stages import StaleStage, build, load, require_current, stage
 
@@ -64,6 +65,13 @@ def test_a_stage_of_another_data_budget_names_the_stage_and_key(chain_copy):
         build("models", other, RUN, "s-en50", chain_copy, progress=False)
     assert "'data/en50'" in str(err.value) and "total_tokens: built with 6144, asked for 4096" in str(err.value)
     assert "--chapters 01" in str(err.value)
+
+
+def test_pooled_rows_of_an_english_free_model_leave_english_out():
+    preset = micro_preset(**{"mixtures.english_shares": [0.0, 0.5]})
+    assert stages.trained_languages(preset, "s-en0") == ["fr"]
+    assert stages.trained_languages(preset, "s-en50") == ["en", "fr"]
+    assert stages.get_kind("clt_eval").config(preset, "s-en0")["pooled_languages"] == ["fr"]
 
 
 def test_bad_keys_and_missing_stages_are_named(tmp_path, micro):

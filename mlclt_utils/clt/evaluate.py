@@ -338,11 +338,12 @@ def replacement_metrics(model, clt, tokens_by_lang: Mapping[str, Tensor], batch_
 # ------------------------------------------------------------------ one CLT, all tables --
 
 def evaluate_clt(model, clt, sets: Mapping[str, Tensor], max_tokens_per_language: int | None = None,
-                 batch_size: int = 16) -> dict:
+                 batch_size: int = 16, pooled_languages=None) -> dict:
     """Evaluate ``clt`` on ``model`` over the token rows of each language in ``sets``.
 
-    Returns ``{"layers": df, "languages": df}``: per language and pooled (``all``) the
-    per-layer FVU, L0 and dead features; per language the replacement-model metrics.
+    Returns ``{"layers": df, "languages": df}``: per language, and pooled over
+    ``pooled_languages`` (None: every language) in the rows labelled ``all``, the
+    per-layer FVU, L0 and dead features and the replacement-model metrics.
     ``max_tokens_per_language``: use only the first rows of each set (None: every row).
     """
     import pandas as pd
@@ -352,11 +353,13 @@ def evaluate_clt(model, clt, sets: Mapping[str, Tensor], max_tokens_per_language
                 for lang, t in sets.items()}
     cfg = clt.cfg
     pooled = ReconstructionStats(cfg.n_layers, cfg.d_model, cfg.d_features)
-    per_lang = _reconstruction_stats(model, clt, sets, batch_size, pooled=pooled)
+    per_lang = _reconstruction_stats(model, clt, sets, batch_size, pooled=pooled,
+                                     pooled_languages=pooled_languages)
     layers = pd.concat([s.frame().assign(language=lang) for lang, s in
                         {**per_lang, "all": pooled}.items()], ignore_index=True)
     layers = layers[["language"] + [c for c in layers.columns if c != "language"]]
-    languages = replacement_metrics(model, clt, sets, batch_size=batch_size)
+    languages = replacement_metrics(model, clt, sets, batch_size=batch_size,
+                                    pooled_languages=pooled_languages)
     return {"layers": layers, "languages": languages}
 
 
