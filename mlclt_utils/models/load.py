@@ -115,3 +115,13 @@ def greedy_continuations(model, tokenizer, prompts: Mapping[str, str], max_new_t
     return out
 
 
+def is_degenerate(text: str, lang: str) -> bool:
+    """True for a continuation that mostly repeats itself: fewer than half of its words (of
+    its characters, for languages written without spaces) are distinct, or it is (nearly)
+    empty. A rough reading aid for the book, not a measure of fluency."""
+    from ..languages import NO_SPACE_LANGUAGES
+
+    units = [c for c in text if not c.isspace()] if lang in NO_SPACE_LANGUAGES else text.split()
+    if len("".join(units)) < 3:
+        return True
+    return len(units) >= 4 and len(set(units)) < len(units) / 2

@@ -76,11 +76,18 @@ def _is_text(s: pd.Series) -> bool:
         s.map(len).mean() > 24
 
 
+# Columns that identify a row: shown first in every part of a split table, never wrapped.
+KEY_COLUMNS = ("model", "language", "layer", "feature", "mixture", "size", "transcoder")
+
+
 def _width(df: pd.DataFrame, cells: Mapping[str, list[str]]) -> float:
+    """Estimated width in pixels: headers wrap between words, long text wraps at about
+    24 characters, numbers do not wrap."""
     px = 0.0
     for c in df.columns:
-        longest = max([len(readable(c))] + [len(x) for x in cells[c]])
-        px += min(longest, 40) * CHAR_PX + PAD_PX    # long text wraps at about 40 characters
+        header = max((len(w) for w in readable(c).split()), default=0)
+        longest = max([header] + [len(x) for x in cells[c]])
+        px += min(longest, 24) * CHAR_PX + PAD_PX
     return px
 
 
@@ -140,6 +147,8 @@ def table(df: pd.DataFrame, digits: int | Mapping[str, int] = 3, headers: Mappin
         data.insert(len(keys), column, list(values))
         keys.append(column)
     data = data.reset_index(drop=True)
+    keys += [c for c in data.columns if c in KEY_COLUMNS and c not in keys]
+    data = data[keys + [c for c in data.columns if c not in keys]]
     note = ""
     names = {c: (headers or {}).get(c, readable(c)) for c in data.columns}
     if not keep_constant and len(data) > 1:

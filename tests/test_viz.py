@@ -1,0 +1,86 @@
+"""The presentation layer: tables, figure conventions, multilingual text."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from mlclt_utils.models.load import is_degenerate  # noqa: E402
+from mlclt_utils.viz.style import language_colour, language_order, zoom_to_data  # noqa: E402
+from mlclt_utils.viz.table import format_number, table  # noqa: E402
+from mlclt_utils.viz.text import context_html, trim_to_words  # noqa: E402
+
+
+@pytest.mark.parametrize("value, text", [(0.045348, "0.0453"), (284.774129, "285"), (12800, "12,800"),
+                                         (5.7215, "5.72"), (0.0, "0"), (float("nan"), "–"),
+                                         (True, "yes"), (123456.7, "123,457")])
+def test_numbers_keep_three_significant_digits(value, text):
+    assert format_number(value) == text
+
+
+def test_table_drops_row_numbers_and_constant_columns_and_names_headers():
+    df = pd.DataFrame({"language": ["en", "fr"], "ce_recovered": [0.951234, 0.9],
+                       "split": ["all", "all"]}, index=[10, 11])
+    html = table(df)._repr_html_()
+    assert "CE recovered" in html and "ce_recovered" not in html
+    assert ">10<" not in html and ">11<" not in html                 # no meaningless index
+    assert "<th>split</th>" not in html and "In every row: split = all." in html
+    assert '<td class="num">0.951</td>' in html
+    assert '<td class="key">en</td>' in html                          # key columns never wrap
+
+
+def test_wide_tables_are_split_and_repeat_their_key_columns():
+    df = pd.DataFrame({"model": ["s-en50", "s-en90", "m-en50", "m-en90"],
+                       **{f"measurement_{i}": [1.5, 2.5, 3.5, 4.5 + i] for i in range(12)}})
+    parts = table(df).parts
+    assert len(parts) > 1 and all("<th>model</th>" in p for p in parts)
+
+
+def test_few_rows_of_many_columns_are_transposed():
+    df = pd.DataFrame({f"measurement_{i}": [1.5 + i] for i in range(12)})
+    html = table(df)._repr_html_()
+    assert html.count("<tr>") == 13                                   # header + one row per column
+
+
+def test_shared_colour_scale_spans_its_columns():
+    df = pd.DataFrame({"en": [4.0, 5.0], "fr": [6.0, 7.0], "gap": [1.0, 2.0]})
+    html = table(df, colour={("en", "fr"): "viridis", "gap": "magma"})._repr_html_()
+    cells = [c for c in html.split("<td")[1:]]
+    en_low, fr_high = cells[0], cells[4]
+    assert en_low.split("background-color:")[1][:7] != fr_high.split("background-color:")[1][:7]
+
+
+def test_contexts_are_marked_escaped_and_directional():
+    out = context_html("قال [[الرب]] <b>")
+    assert '<mark class="mlclt-token">الرب</mark>' in out and 'dir="auto"' in out
+    assert "&lt;b&gt;" in out and "[[" not in out
+
+
+def test_continuations_end_on_a_whole_word():
+    assert trim_to_words("and the LORD, and the LO", "en") == "and the LORD, and the …"
+    assert trim_to_words("我我我", "zh") == "我我我"
+
+
+def test_degenerate_continuations():
+    assert is_degenerate("and the LORD, and the LORD, and the LORD, and the", "en")
+    assert is_degenerate("，我，我，我，我，我，我", "zh") and is_degenerate("..", "fr")
+    assert not is_degenerate("Now the word of the LORD came unto Jonah", "en")
+
+
+def test_language_colours_are_fixed_distinct_and_ordered_by_the_book():
+    paper = ["en", "fr", "de", "ar", "zh"]
+    assert len({language_colour(c) for c in paper}) == 5
+    assert language_colour("fr") == language_colour("fr")
+    assert language_order(["zh", "en", "xx", "fr"], paper) == ["en", "fr", "zh", "xx"]
+
+
+def test_axes_zoom_only_when_values_sit_in_a_narrow_band():
+    fig, ax = plt.subplots()
+    ax.bar(range(3), [0.97, 0.98, 0.99])
+    assert zoom_to_data(ax, [0.97, 0.98, 0.99]) and ax.get_ylim()[0] > 0.9
+    fig2, ax2 = plt.subplots()
+    assert not zoom_to_data(ax2, [0.1, 0.5, 0.9])
+    plt.close("all")
