@@ -95,6 +95,16 @@ _BASE: dict[str, Any] = {
         "stop_l0": None,
         "grad_clip": None,
     },
+    # statistics over units on the parallel set (chapters 04-05)
+    "features": {
+        "parallel": None,              # None: the corpus's parallel verses; a .jsonl file; "hf:NAME"
+        "max_rows": 500,               # parallel rows used (the first ones)
+        "batch_size": 16,
+        "dense_fraction": 0.5,         # a unit firing on more tokens than this in every language is dense
+        "bootstrap": 1000,             # resamples of the confidence intervals
+        "min_frequency": 0.05,         # language features: frequency in their top language ...
+        "min_concentration": 0.8,      # ... and share of their firing in it
+    },
 }
 
 

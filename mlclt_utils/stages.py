@@ -265,13 +265,14 @@ def load_built(kind: str, run: str, key: str | None = None, root=None, **kwargs)
 
 
 def chain(preset) -> list[tuple[str, str | None]]:
-    """Every (kind, key) of the chapters 01-03 chain for this preset, in build order."""
+    """Every (kind, key) of the chain for this preset, in build order."""
     preset = _preset(preset)
     names = model_names(preset)
     out = [("corpus", None), ("tokenizer", None)]
     out += [("data", mixture_name(p)) for p in preset["mixtures"]["english_shares"]]
     out += [("models", n) for n in names]
     out += [("clt", n) for n in names] + [("clt_eval", n) for n in names]
+    out += [("unit_stats", n) for n in names]
     return out
 
 
@@ -570,6 +571,60 @@ def _register_clt_kinds() -> None:
 
 
 _register_clt_kinds()
+
+
+# ------------------------------------------------------------------ unit statistics -----
+
+UNIT_KINDS = ("clt", "resid")
+
+
+def _unit_stats_config(preset, key) -> dict:
+    f = preset["features"]
+    return {"model_name": key, "parallel": f["parallel"], "max_rows": f["max_rows"],
+            "batch_size": f["batch_size"], "languages": list(preset["corpus"]["languages"]),
+            "units": list(UNIT_KINDS)}
+
+
+def _build_unit_stats(ctx: BuildContext):
+    """Per language of the parallel set: firing sets, counts and mean activations of the
+    CLT's features and of the residual stream, one streamed pass per language."""
+    from .artifacts import save_tensors
+    from .data.datasets import verse_rows
+    from .features.activations import CLTFeatures, ResidualStream, collect_unit_stats
+    from .features.parallel import load_parallel
+
+    cfg = ctx.config
+    parallel = load_parallel(cfg["parallel"], cfg["languages"], corpus=ctx.input("corpus"))
+    if cfg["max_rows"]:
+        parallel = parallel.subset(cfg["max_rows"])
+    model, clt = ctx.input("models", ctx.key), ctx.input("clt", ctx.key)
+    sources = {"clt": CLTFeatures(model, clt), "resid": ResidualStream(model)}
+    tensors = {}
+    for lang in parallel.languages:
+        rows = verse_rows(model.tokenizer, parallel.texts[lang], model.cfg.n_ctx)
+        for kind, source in sources.items():
+            stats = collect_unit_stats(source, rows, cfg["batch_size"])
+            tensors.update(stats.to_tensors(f"{kind}.{lang}."))
+    save_tensors(ctx.stage.file("unit_stats.safetensors"), tensors)
+    write_json(ctx.stage.file("rows.json"), {"languages": parallel.languages, "keys": parallel.keys,
+                                             "dropped": parallel.dropped, "source": parallel.source})
+
+
+def _load_unit_stats(st: Stage) -> dict:
+    """``{"clt": {lang: UnitStats}, "resid": {lang: UnitStats}, "keys": [...], "dropped": n}``."""
+    from .artifacts import load_tensors
+    from .features.activations import UnitStats
+
+    rows = read_json(st.file("rows.json"))
+    tensors = load_tensors(st.file("unit_stats.safetensors"))
+    out = {kind: {lang: UnitStats.from_tensors(tensors, f"{kind}.{lang}.")
+                  for lang in rows["languages"]} for kind in UNIT_KINDS}
+    return {**out, "keys": rows["keys"], "dropped": rows["dropped"], "source": rows["source"]}
+
+
+register(StageKind("unit_stats", "04", _unit_stats_config,
+                   lambda p, k: [("corpus", None), ("tokenizer", None), ("models", k), ("clt", k)],
+                   _build_unit_stats, _load_unit_stats, keys=model_names))
 
 
 # ====================================================================== command line =====

@@ -109,7 +109,10 @@ def test_command_line_status_and_build(chain_copy):
                           "--root", str(chain_copy), *sets], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "models/s-en50" in out.stdout and "stale" not in out.stdout
+    status = dict(line.split(None, 1) for line in out.stdout.splitlines())
+    assert all(status[st] == "current" for st in ("corpus", "models/s-en50", "clt_eval/s-en50"))
+    assert status["unit_stats/s-en50"].startswith("stale: stage 'unit_stats/s-en50' of run 'micro' "
+                                                  "is not complete (it has not been built)")
     bad = subprocess.run([sys.executable, "-m", "mlclt_utils.stages", "build", "models/s-en50",
                           "--run", RUN, "--root", str(chain_copy), *sets, "--set", "training.lr=0.01"],
                          capture_output=True, text=True, env=env, timeout=300)

@@ -120,3 +120,61 @@ def ce_recovered_figure(languages: pd.DataFrame, order: Sequence[str] | None = N
     axes[0].legend(title="model", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
+
+
+# ---- chapter 04 -------------------------------------------------------------------------
+
+def overlap_figure(summaries: Mapping[str, pd.DataFrame], value: str = "jaccard",
+                   ylabel: str = "cross-language overlap\n(Jaccard of firing sets)",
+                   marked: Sequence[str] = ()):
+    """Overlap by layer, one colour per model: parallel rows (solid, with the bootstrap
+    interval shaded) and the length-matched control of different rows (dashed). Models in
+    ``marked`` (e.g. the one trained without English) have square markers."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = panels(1, height=3.0)
+    ax = axes[0]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, df) in enumerate(summaries.items()):
+        c = colours[i % len(colours)]
+        marker = "s" if name in marked else "o"
+        par = df[df["kind"] == "parallel"].sort_values("layer")
+        ctl = df[df["kind"] == "control"].sort_values("layer")
+        label = f"{name} (no English)" if name in marked else name
+        ax.plot(par["layer"], par[value], marker=marker, color=c, label=label)
+        ax.fill_between(par["layer"], par["low"], par["high"], color=c, alpha=0.15, lw=0)
+        ax.plot(ctl["layer"], ctl[value], ls="--", marker=marker, ms=3, color=c, alpha=0.8)
+    ax.plot([], [], ls="--", color="grey", label="control: different rows")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def pair_heatmap(pairs: pd.DataFrame, layer: int, languages: Sequence[str],
+                 title: str = "overlap by language pair"):
+    """Language x language matrix of the parallel overlap at ``layer``."""
+    from .style import colour_bar
+
+    par = pairs[(pairs["layer"] == layer) & (pairs["kind"] == "parallel")]
+    n = len(languages)
+    m = np.full((n, n), np.nan)
+    for _, r in par.iterrows():
+        a, b = r["pair"].split("-")
+        i, j = languages.index(a), languages.index(b)
+        m[i, j] = m[j, i] = r["jaccard"]
+    fig, axes = panels(1, height=3.2)
+    ax = axes[0]
+    im = ax.imshow(m, cmap="viridis")
+    ax.set_xticks(range(n), languages)
+    ax.set_yticks(range(n), languages)
+    ax.grid(False)
+    for i in range(n):
+        for j in range(n):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="w" if m[i, j] < np.nanmean(m) else "k")
+    colour_bar(fig, im, ax, "Jaccard of firing sets")
+    ax.set_title(f"{title}, layer {layer}")
+    return fig

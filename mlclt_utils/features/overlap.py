@@ -1,0 +1,147 @@
+"""Cross-language overlap of firing sets (claim 1 of the multilingual-CLT study).
+
+For each parallel row, language and layer, the set of units that fire anywhere in the row
+(``UnitStats.fired``). Two languages' sets of the same row are compared by Jaccard
+|A ∩ B| / |A ∪ B|; a layer's overlap is the mean over rows and language pairs, with a
+bootstrap confidence interval over rows.
+
+Dense units would inflate every overlap: a unit that fires on most tokens of every
+language is in every set. The rule (stated in the book): a unit is *dense* when it fires
+on more than ``max_dense_fraction`` of the tokens in every language; dense units are left
+out of the sets and their number is reported.
+
+Control: the same statistic between *different* rows (row i of language A against row j of
+language B, j the row whose length in B is next to row i's), so the reader sees how much of
+the overlap comes from meaning and how much from frequency alone.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .activations import UnitStats
+
+
+def jaccard(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise Jaccard of two [rows, units] bool tensors; NaN where both sets are empty."""
+    inter = (a & b).sum(1).float()
+    union = (a | b).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(union, float("nan")))
+
+
+def dense_units(stats: Mapping[str, UnitStats], layer: int, max_dense_fraction: float) -> Tensor:
+    """[units] bool: fires on more than ``max_dense_fraction`` of the tokens in every language."""
+    if not 0 < max_dense_fraction <= 1:
+        raise ValueError(f"max_dense_fraction must be in (0, 1], got {max_dense_fraction}")
+    dense = None
+    for s in stats.values():
+        freq = s.counts[layer].float() / max(s.n_tokens, 1)
+        d = freq > max_dense_fraction
+        dense = d if dense is None else dense & d
+    return dense
+
+
+def control_partner(lengths: Tensor) -> Tensor:
+    """For each row, a different row of nearly the same length (its neighbour when rows are
+    sorted by length; cyclic), so the control pairs differ in meaning, not in size."""
+    n = lengths.numel()
+    if n < 2:
+        raise ValueError("the control needs at least two rows")
+    order = torch.argsort(lengths, stable=True)
+    partner = torch.empty(n, dtype=torch.long)
+    partner[order] = order.roll(-1)
+    return partner
+
+
+def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, level: float = 0.95,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """Mean of the finite ``values`` and its percentile bootstrap interval."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def overlap_by_layer(stats: Mapping[str, UnitStats], max_dense_fraction: float = 0.5,
+                     n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(summary, pairs)``.
+
+    ``pairs``: one row per layer, language pair and kind (parallel, control) with the mean
+    Jaccard over rows. ``summary``: per layer and kind, the mean over pairs of each row's
+    Jaccard, with a bootstrap interval over rows, and the number of dense units removed.
+    """
+    langs = list(stats)
+    if len(langs) < 2:
+        raise ValueError(f"overlap needs at least two languages, got {langs}")
+    n_rows = {s.fired[0].shape[0] for s in stats.values()}
+    if len(n_rows) != 1:
+        raise ValueError(f"the languages have different numbers of parallel rows: {n_rows}")
+    n_layers = len(next(iter(stats.values())).fired)
+    summary, pairs = [], []
+    for layer in range(n_layers):
+        dense = dense_units(stats, layer, max_dense_fraction)
+        keep = ~dense
+        per_kind = {"parallel": [], "control": []}
+        for a, b in combinations(langs, 2):
+            A = stats[a].fired[layer][:, keep]
+            B = stats[b].fired[layer][:, keep]
+            parallel = jaccard(A, B)
+            control = jaccard(A, B[control_partner(stats[b].lengths)])
+            for kind, values in (("parallel", parallel), ("control", control)):
+                per_kind[kind].append(values)
+                pairs.append({"layer": layer, "pair": f"{a}-{b}", "kind": kind,
+                              "jaccard": float(np.nanmean(values.numpy()))})
+        for kind, rows in per_kind.items():
+            per_row = np.nanmean(torch.stack(rows).numpy(), axis=0)   # mean over pairs, per row
+            mean, lo, hi = bootstrap_mean(per_row, n_boot, seed=seed)
+            summary.append({"layer": layer, "kind": kind, "jaccard": mean, "low": lo, "high": hi,
+                            "rows": int(np.isfinite(per_row).sum()), "dense_removed": int(dense.sum())})
+    return pd.DataFrame(summary), pd.DataFrame(pairs)
+
+
+def pooled_cosine_by_layer(stats: Mapping[str, UnitStats], n_boot: int = 1000,
+                           seed: int = 0) -> pd.DataFrame:
+    """The same comparison without sparse units: cosine similarity of the mean-pooled
+    activations (``UnitStats.means``, e.g. of the residual stream) of parallel rows, against
+    the control pairs; per layer, mean over pairs with a bootstrap interval over rows."""
+    langs = list(stats)
+    n_layers = len(next(iter(stats.values())).means)
+    out = []
+    for layer in range(n_layers):
+        per_kind = {"parallel": [], "control": []}
+        for a, b in combinations(langs, 2):
+            A = stats[a].means[layer]
+            B = stats[b].means[layer]
+            per_kind["parallel"].append(torch.nn.functional.cosine_similarity(A, B, dim=1))
+            Bc = B[control_partner(stats[b].lengths)]
+            per_kind["control"].append(torch.nn.functional.cosine_similarity(A, Bc, dim=1))
+        for kind, rows in per_kind.items():
+            per_row = torch.stack(rows).mean(0).numpy()
+            mean, lo, hi = bootstrap_mean(per_row, n_boot, seed=seed)
+            out.append({"layer": layer, "kind": kind, "cosine": mean, "low": lo, "high": hi})
+    return pd.DataFrame(out)
+
+
+def inverted_u(summary: pd.DataFrame, value: str = "jaccard") -> dict:
+    """Whether the parallel overlap of some middle layer lies above both the first and the
+    last layer beyond the confidence intervals (its lower bound above their upper bounds)."""
+    par = summary[summary["kind"] == "parallel"].set_index("layer").sort_index()
+    layers = list(par.index)
+    if len(layers) < 3:
+        return {"holds": None, "reason": f"{len(layers)} layers: no middle layer to compare"}
+    first, last = par.loc[layers[0]], par.loc[layers[-1]]
+    middle = par.loc[layers[1:-1]]
+    best = middle[value].idxmax()
+    holds = bool(middle.loc[best, "low"] > max(first["high"], last["high"]))
+    return {"holds": holds, "peak_layer": int(best), "peak": float(middle.loc[best, value]),
+            "first": float(first[value]), "last": float(last[value])}
