@@ -37,6 +37,8 @@ _PUBLIC = {
     "read_metrics": "models.load",
     "verse_rows": "data.datasets",
     "top_activating_examples": "features.examples",
+    "load_parallel": "features.parallel",
+    "overlap_by_layer": "features.overlap",
     "parallel_verse_examples": "features.examples",
     "check_targets": "clt.targets",
     "record_results": "results",

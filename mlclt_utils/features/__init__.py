@@ -1,2 +1,6 @@
-"""Statistics over units (CLT features, MLP neurons, SAE latents): top examples today;
-firing sets, overlap, language specificity and probes as chapters 04-05 add them."""
+"""Statistics over units (CLT features, MLP neurons, residual-stream dimensions, SAE
+latents), whatever produced their activations: activation sources and streamed summaries
+(``activations``), cross-language overlap (``overlap``), language specificity
+(``specificity``), language probes (``probe``), the token and span language classifier
+(``language``), logit lift (``lift``), parallel text sets (``parallel``) and top activating
+examples (``examples``)."""
