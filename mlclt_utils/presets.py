@@ -104,6 +104,10 @@ _BASE: dict[str, Any] = {
         "bootstrap": 1000,             # resamples of the confidence intervals
         "min_frequency": 0.05,         # language features: frequency in their top language ...
         "min_concentration": 0.8,      # ... and share of their firing in it
+        # chapter 05: token-level language probes
+        "probe_tokens": 2000,          # tokens per language to fit (validation) and to score (test)
+        "probe_max_iter": 1000,        # lbfgs steps of the logistic regression
+        "top_tokens": 5,               # top tokens shown per language feature
     },
 }
 

@@ -178,3 +178,31 @@ def pair_heatmap(pairs: pd.DataFrame, layer: int, languages: Sequence[str],
     colour_bar(fig, im, ax, "Jaccard of firing sets")
     ax.set_title(f"{title}, layer {layer}")
     return fig
+
+
+# ---- chapter 05 -------------------------------------------------------------------------
+
+def probe_figure(probe: pd.DataFrame, units: Mapping[str, str] | None = None):
+    """Held-out accuracy of the language probe by layer: one panel per kind of unit
+    (column ``unit``), one line per model (column ``model``), chance as a dashed line."""
+    import matplotlib.pyplot as plt
+
+    units = units or {"resid": "residual stream", "clt": "CLT features"}
+    fig, axes = panels(len(units), per_row=2, height=2.8, sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (unit, title) in zip(axes, units.items()):
+        part = probe[probe["unit"] == unit]
+        for i, (name, df) in enumerate(part.groupby("model", sort=False)):
+            df = df.sort_values("layer")
+            ax.plot(df["layer"], df["accuracy"], marker="o", color=colours[i % len(colours)], label=name)
+        chance = float(part["chance"].max())
+        ax.axhline(chance, ls="--", color="grey", lw=1)
+        ax.annotate(f"chance {chance:.2f}", (0, chance), xycoords=("axes fraction", "data"),
+                    xytext=(4, 3), textcoords="offset points", fontsize=8, color="grey")
+        ax.set_title(title, loc="left")
+        ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel("probe accuracy on held-out tokens")
+    axes[0].set_ylim(0, 1.02)
+    axes[-1].legend(title="model", loc="lower right")
+    return fig
