@@ -139,7 +139,7 @@ def top_tokens(acts: Tensor, token_ids: Tensor, k: int = 5, min_count: int = 2) 
     return out
 
 
-def feature_probe_correlation(tokens, languages) -> "pd.DataFrame":
+def feature_probe_correlation(tokens, languages):
     """Per language X: Pearson and Spearman correlation over all tokens of the table
     ``tokens`` between ``late_<X>`` (summed activation of X's late-layer language features)
     and ``p0_<X>`` (the first-layer probe's probability of X). Languages without late-layer
