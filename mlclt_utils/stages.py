@@ -171,7 +171,7 @@ def require_current(kind: str, preset, run: str | None = None, key: str | None =
     st = stage(kind, run, key, root)
     how = f"rebuild it with: {rebuild_command(kind, preset, run)}"
     if not st.is_complete():
-        state = ("an interrupted build left it unfinished" if st.file(IN_PROGRESS_FILE).exists()
+        state = ("a build of it is running or was interrupted" if st.file(IN_PROGRESS_FILE).exists()
                  else "it has not been built")
         raise StaleStage(f"stage {st.name!r} of run {run!r} is not complete ({state}); {how}")
     manifest = st.manifest()

@@ -87,7 +87,7 @@ def test_an_interrupted_stage_is_not_complete(chain_copy, micro):
     st = stage("models", RUN, "s-en50", chain_copy)
     st.manifest_path.unlink()
     st.file(IN_PROGRESS_FILE).write_text("{}")
-    with pytest.raises(StaleStage, match="an interrupted build left it unfinished"):
+    with pytest.raises(StaleStage, match="a build of it is running or was interrupted"):
         load("models", micro, RUN, "s-en50", chain_copy)
 
 
