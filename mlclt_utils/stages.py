@@ -215,10 +215,12 @@ def build(kind: str, preset, run: str | None = None, key: str | None = None, roo
     info = distributed.init_distributed(device) if k.distributed else distributed.DistInfo()
     manifest = st.manifest() if st.is_complete() else {}
     current = manifest.get("config_hash") == config_hash(config) and manifest.get("inputs") == inputs
+    marker = st.file(IN_PROGRESS_FILE)
     if not distributed.all_agree(not current):
+        if info.is_main:
+            marker.unlink(missing_ok=True)   # left by a build killed after its manifest
         return st
 
-    marker = st.file(IN_PROGRESS_FILE)
     claim = {"config_hash": config_hash(config), "inputs": inputs}
     if info.is_main:
         same = k.resumable and marker.exists() and _read_marker(marker) == claim
