@@ -206,3 +206,23 @@ def probe_figure(probe: pd.DataFrame, units: Mapping[str, str] | None = None):
     axes[0].set_ylim(0, 1.02)
     axes[-1].legend(title="model", loc="lower right")
     return fig
+
+
+def concept_map_figure(maps: Mapping[int, pd.DataFrame], order: Sequence[str], joined: int = 25):
+    """One panel per layer: each verse in each language as a point coloured by language; the
+    first ``joined`` verses are joined across languages by grey lines."""
+    fig, axes = panels(len(maps), per_row=2, height=3.0)
+    for ax, (layer, df) in zip(axes, maps.items()):
+        for row, g in df[df["row"] < joined].groupby("row"):
+            ax.plot(g["x"], g["y"], color="grey", lw=0.4, alpha=0.5, zorder=1)
+        for lang in language_order(df["language"].unique(), order):
+            g = df[df["language"] == lang]
+            ax.scatter(g["x"], g["y"], s=6, color=language_colour(lang), label=language_label(lang),
+                       zorder=2)
+        ax.set_title(f"layer {layer}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), markerscale=2)
+    return fig
