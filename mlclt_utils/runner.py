@@ -97,7 +97,7 @@ HIDDEN_TAGS = {"parameters", "injected-parameters"}
 def tidy_executed(path: Path) -> None:
     """Make an executed chapter read as a book page: the notebook's and papermill's
     parameter cells are removed from the page (the chapter's header shows the run's
-    parameters once), and progress output keeps only the final state of each bar."""
+    parameters once). Progress bars print one line each already (``viz.progress``)."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
@@ -105,11 +105,6 @@ def tidy_executed(path: Path) -> None:
         tags = cell.metadata.setdefault("tags", [])
         if HIDDEN_TAGS & set(tags) and "remove-cell" not in tags:
             tags.append("remove-cell")
-        for output in cell.get("outputs", []):
-            if output.get("output_type") == "stream":
-                output["text"] = "\n".join(
-                    ([seg for seg in line.split("\r") if seg.strip()] or [""])[-1]
-                    for line in output["text"].split("\n"))
     nbformat.write(nb, str(path))
 
 

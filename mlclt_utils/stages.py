@@ -153,10 +153,6 @@ def rebuild_command(kind: str, preset: Mapping, run: str) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
-def _upstream(kind: StageKind, preset, run, key, root) -> list[Stage]:
-    return [stage(k, run, kk, root) for k, kk in kind.upstream(preset, key)]
-
-
 def require_current(kind: str, preset, run: str | None = None, key: str | None = None,
                     root=None) -> Stage:
     """The stage, after checking that it and every stage above it are complete and were
@@ -189,15 +185,6 @@ def require_current(kind: str, preset, run: str | None = None, key: str | None =
     return st
 
 
-def is_current(kind: str, preset, run: str | None = None, key: str | None = None,
-               root=None) -> bool:
-    try:
-        require_current(kind, preset, run, key, root)
-        return True
-    except StaleStage:
-        return False
-
-
 def build(kind: str, preset, run: str | None = None, key: str | None = None, root=None,
           device: str | None = None, progress: bool = True, **options) -> Stage:
     """Build stage ``kind``/``key`` of ``run`` for ``preset`` unless it is current.
@@ -211,17 +198,15 @@ def build(kind: str, preset, run: str | None = None, key: str | None = None, roo
     config = k.config(preset, key)           # raises on a bad value before any work
     ups = [require_current(uk, preset, run, ukey, root) for uk, ukey in k.upstream(preset, key)]
     st = stage(kind, run, key, root)
-    inputs = {u.name: u.identity() for u in ups}
+    claim = {"config_hash": config_hash(config), "inputs": {u.name: u.identity() for u in ups}}
     info = distributed.init_distributed(device) if k.distributed else distributed.DistInfo()
-    manifest = st.manifest() if st.is_complete() else {}
-    current = manifest.get("config_hash") == config_hash(config) and manifest.get("inputs") == inputs
+    current = st.is_complete() and _claim_of(st.manifest()) == claim
     marker = st.file(IN_PROGRESS_FILE)
     if not distributed.all_agree(not current):
         if info.is_main:
             marker.unlink(missing_ok=True)   # left by a build killed after its manifest
         return st
 
-    claim = {"config_hash": config_hash(config), "inputs": inputs}
     if info.is_main:
         same = k.resumable and marker.exists() and _read_marker(marker) == claim
         st.start(clean=not same)     # a resumable build of the same config keeps its state
@@ -243,12 +228,16 @@ def build(kind: str, preset, run: str | None = None, key: str | None = None, roo
     return st
 
 
+def _claim_of(record: Mapping) -> dict:
+    """What a manifest or an in-progress marker says a stage was built from."""
+    return {"config_hash": record.get("config_hash"), "inputs": record.get("inputs")}
+
+
 def _read_marker(marker) -> dict | None:
     try:
-        m = read_json(marker)
+        return _claim_of(read_json(marker))
     except ValueError:
         return None
-    return {"config_hash": m.get("config_hash"), "inputs": m.get("inputs")}
 
 
 def load(kind: str, preset, run: str | None = None, key: str | None = None, root=None, **kwargs):

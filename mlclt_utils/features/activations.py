@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..clt.activations import kept_mask
 from ..tokenizer import BOS_ID, PAD_ID
 
 
@@ -114,8 +115,9 @@ class UnitStats:
 
 
 def kept_positions(tokens: Tensor, bos_id: int = BOS_ID, pad_id: int | None = PAD_ID) -> Tensor:
-    """[batch, pos] True where a token counts (not BOS, not padding)."""
-    keep = tokens != bos_id
+    """[batch, pos] True where a token counts: the positions a CLT is trained on
+    (``clt.activations.kept_mask``) that are not padding."""
+    keep = kept_mask(tokens, bos_id)
     if pad_id is not None:
         keep &= tokens != pad_id
     return keep

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from ..clt.activations import _bos_id
-from ..clt.evaluate import bos_mask, encode_layer
+from ..clt.evaluate import encode_layer
 from ..tokenizer import PAD_ID
+from .activations import kept_positions
 
 
 def _decode(model, ids: list[int]) -> str:
@@ -69,9 +70,7 @@ def top_activating_examples(model, clt, tokens_by_lang: Mapping[str, Tensor], la
             _, cache = model.run_with_cache(chunk, names_filter=[name], stop_at_layer=layer + 1)
             x = cache[name].to(clt.W_enc.dtype)
             acts = encode_layer(clt, x, layer)[..., feature]
-            skip = bos_mask(chunk, bos)
-            if pad_id is not None:
-                skip |= chunk == pad_id
+            skip = ~kept_positions(chunk, bos, pad_id)
             acts = acts.masked_fill(skip, 0.0).flatten().cpu()
             idx = torch.arange(acts.numel()) + start * tokens.shape[1]
             best_v, order = torch.cat([best_v, acts]).topk(min(k, best_v.numel() + acts.numel()))

@@ -59,6 +59,11 @@ def list_checkpoints(run: str, model_name: str, root=None) -> list[int]:
     return checkpoint_steps(st.path)
 
 
+def val_loss_columns(metrics, languages) -> dict[str, str]:
+    """Language -> the column of ``read_metrics``'s frame holding its validation loss."""
+    return {lang: f"val_loss_{lang}" for lang in languages if f"val_loss_{lang}" in metrics.columns}
+
+
 def read_metrics(run: str, model_name: str, root=None):
     """Training metrics as a DataFrame: step, tokens, train_loss, lr, val_loss_<lang>..."""
     import pandas as pd

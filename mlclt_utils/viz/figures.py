@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..models.load import val_loss_columns
 from .style import (bar_labels, language_colour, language_label, language_order, panels,
                     zoom_to_data)
 
@@ -37,17 +38,12 @@ def fertility_figure(fertility: pd.DataFrame, order: Sequence[str] | None = None
 
 # ---- chapter 02 -------------------------------------------------------------------------
 
-def _val_columns(df: pd.DataFrame, languages) -> dict[str, str]:
-    """Map language -> the metrics column holding its validation loss."""
-    return {lang: f"val_loss_{lang}" for lang in languages if f"val_loss_{lang}" in df.columns}
-
-
 def loss_curves(metrics: Mapping[str, pd.DataFrame], languages):
     """One panel per model (two side by side): validation loss per language against
     training tokens, the training loss in grey; one shared legend under the panels."""
     fig, axes = panels(len(metrics), per_row=2, height=2.6, sharey=True)
     for ax, (name, df) in zip(axes, metrics.items()):
-        val = _val_columns(df, languages)
+        val = val_loss_columns(df, languages)
         evals = df.dropna(subset=list(val.values())) if val else df
         if "train_loss" in df:
             ax.plot(df["tokens"], df["train_loss"], color="k", alpha=0.2, lw=0.8, label="train")

@@ -225,9 +225,11 @@ def _html(data, group, names, cells, keys, colour, html_columns, caption) -> str
 def final_losses(metrics: Mapping[str, pd.DataFrame], languages) -> pd.DataFrame:
     """Last validation loss per model (rows) and language (columns), and the
     English-dominance gap: mean loss of the other languages minus English's."""
+    from ..models.load import val_loss_columns
+
     rows = {}
     for name, df in metrics.items():
-        val = {lang: f"val_loss_{lang}" for lang in languages if f"val_loss_{lang}" in df.columns}
+        val = val_loss_columns(df, languages)
         last = df.dropna(subset=list(val.values())).iloc[-1]
         rows[name] = {lang: float(last[col]) for lang, col in val.items()}
     table = pd.DataFrame(rows).T[list(languages)]
