@@ -636,105 +636,17 @@ def _build_language_stats(ctx: BuildContext):
     token-language table of the model's training data, its CLT's language features per layer
     with their logit lift and top tokens, and a per-token table linking the first layer's
     probe to the late-layer language features."""
-    import numpy as np
-    import pandas as pd
-    import torch
+    from .features.language_stats import language_statistics
 
-    from .features.activations import CLTFeatures, ResidualStream
-    from .features.language import TokenLanguages
-    from .features.lift import clt_decoder_directions, logit_lift
-    from .features.probe import fit_language_probe
-    from .features.specificity import count_language_features, language_features, specificity
-    from .features.tokens import late_layers, token_activations, top_tokens
-
-    cfg = ctx.config
-    data = ctx.input("data", model_mixture(ctx.key))
-    model, clt = ctx.input("models", ctx.key), ctx.input("clt", ctx.key)
-    units = ctx.input("unit_stats", ctx.key)
-    tokenizer = ctx.input("tokenizer")
-    langs = [lang for lang in cfg["languages"] if lang in data[cfg["fit_split"]]]
-    sources = {"resid": ResidualStream(model), "clt": CLTFeatures(model, clt)}
-    fit = token_activations(sources, {l: data[cfg["fit_split"]][l] for l in langs},
-                            cfg["probe_tokens"], cfg["batch_size"])
-    score = token_activations(sources, {l: data[cfg["score_split"]][l] for l in langs},
-                              cfg["probe_tokens"], cfg["batch_size"])
-    n_layers = model.cfg.n_layers
-
-    # probes by layer; the first layer's residual probe is kept for the token table
-    rows, first_probe = [], None
-    for kind in sources:
-        for layer in range(n_layers):
-            res = fit_language_probe(fit.layer(kind, layer), fit.y, score.layer(kind, layer), score.y,
-                                     max_iter=cfg["probe_max_iter"], seed=cfg["seed"], labels=langs)
-            rows.append({"unit": kind, "layer": layer, **res.row()})
-            if kind == "resid" and layer == 0:
-                first_probe = res.model
-    probe = pd.DataFrame(rows)
-
-    # token languages from the training rows of each language of the mixture
-    train = data["train"]
-    by_lang = {lang: train["tokens"][train["language"] == i]
-               for i, lang in enumerate(data["languages"])}
-    by_lang = {lang: r for lang, r in by_lang.items() if len(r)}
-    token_langs = TokenLanguages.from_token_rows(by_lang, model.cfg.d_vocab)
-    labelled = [lang for lang in langs if lang in set(token_langs.labels())]
-
-    # language features of every layer, their lift and top tokens
-    both = {kind: [torch.cat([a, b]) for a, b in zip(fit.X[kind], score.X[kind])] for kind in ("clt",)}
-    both_ids = torch.cat([fit.token_ids, score.token_ids])
-    thresholds = {"min_frequency": cfg["min_frequency"], "min_concentration": cfg["min_concentration"]}
-    feats = []
-    for layer in range(n_layers):
-        lf = language_features(specificity(units["clt"], layer), **thresholds)
-        if lf.empty:
-            continue
-        lf = lf.reset_index().rename(columns={"unit": "feature"})
-        lf.insert(0, "layer", layer)
-        if labelled:
-            lift = logit_lift(clt_decoder_directions(clt, layer, lf["feature"].tolist()), model,
-                              token_langs, languages=labelled)
-            for lang in labelled:
-                lf[f"lift_{lang}"] = lift[lang].to_numpy()
-            lf["own_lift"] = [lift.iloc[i].get(lang, np.nan) for i, lang in enumerate(lf["top_language"])]
-        top = top_tokens(both["clt"][layer][:, lf["feature"].tolist()], both_ids, cfg["top_tokens"])
-        lf["top_tokens"] = [" · ".join(_shown_token(tokenizer, t) for t in ids) for ids in top]
-        feats.append(lf)
-    feats = pd.concat(feats, ignore_index=True) if feats else pd.DataFrame(
-        columns=["layer", "feature", "top_language", "frequency", "concentration"])
-    counts = count_language_features(units["clt"], **thresholds)
-
-    # per scored token: the first-layer probe's probabilities and the summed activation of
-    # each language's late-layer language features
-    tokens = pd.DataFrame({"language": score.y, "token": score.token_ids.numpy()})
-    proba = first_probe.predict_proba(score.layer("resid", 0))
-    for j, lang in enumerate(first_probe.classes_):
-        tokens[f"p0_{lang}"] = proba[:, j]
-    late = late_layers(n_layers)
-    for lang in langs:
-        total = np.zeros(score.n_tokens)
-        for layer in late:
-            chosen = feats[(feats["layer"] == layer) & (feats["top_language"] == lang)]["feature"]
-            if len(chosen):
-                total += score.X["clt"][layer][:, chosen.tolist()].sum(1).numpy()
-        tokens[f"late_{lang}"] = total
-
-    for name, df in (("probe", probe), ("language_features", feats), ("feature_counts", counts),
-                     ("tokens", tokens)):
+    stats = language_statistics(ctx.input("models", ctx.key), ctx.input("clt", ctx.key),
+                                ctx.input("data", model_mixture(ctx.key)),
+                                ctx.input("unit_stats", ctx.key), ctx.input("tokenizer"),
+                                ctx.config)
+    for name, df in stats["tables"].items():
         with atomic_path(ctx.stage.file(f"{name}.csv")) as tmp:
             df.to_csv(tmp, index=False)
-    _write_text_json(ctx.stage.file("token_languages.json"), token_langs.to_dict())
-    write_json(ctx.stage.file("info.json"), {"languages": langs, "late_layers": late,
-                                             "lift_languages": labelled,
-                                             "fit_tokens": fit.n_tokens, "score_tokens": score.n_tokens})
-
-
-def _shown_token(tokenizer, token_id: int) -> str:
-    """A token as text, its spaces shown as ␣ and line breaks as ⏎; a byte piece of a
-    character (which decodes to U+FFFD) as ⟨byte⟩."""
-    text = tokenizer.decode([token_id])
-    if "\ufffd" in text:
-        return "⟨byte⟩"
-    return text.replace(" ", "␣").replace("\n", "⏎")
+    _write_text_json(ctx.stage.file("token_languages.json"), stats["token_languages"].to_dict())
+    write_json(ctx.stage.file("info.json"), stats["info"])
 
 
 def _load_language_stats(st: Stage) -> dict:
