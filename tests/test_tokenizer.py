@@ -148,3 +148,14 @@ def test_marked_context_marks_whole_characters(tok):
     cut = ids[part + 1:]
     assert tok.encode(tok.decode(cut), add_special_tokens=False) != cut
     assert _marked_context(model, cut, 0) == f"[[{pieces[part + 1]}]]{tok.decode(cut[1:])}"
+
+
+def test_token_texts_show_each_character_once(tok):
+    from mlclt_utils.viz.explore import token_texts
+
+    text = "emoji 🙂 and 漢字"
+    ids = tok.encode(text, add_special_tokens=False)
+    shown = token_texts(tok, ids)
+    assert len(shown) == len(ids) and "".join(shown) == text
+    assert not any("\ufffd" in s for s in shown)
+    assert "" in shown                     # the later byte pieces of a character show nothing

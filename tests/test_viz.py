@@ -84,3 +84,17 @@ def test_axes_zoom_only_when_values_sit_in_a_narrow_band():
     fig2, ax2 = plt.subplots()
     assert not zoom_to_data(ax2, [0.1, 0.5, 0.9])
     plt.close("all")
+
+
+def test_loss_curves_leave_no_empty_panel():
+    from mlclt_utils.viz.figures import loss_curves
+
+    df = pd.DataFrame({"tokens": [1, 10, 100], "train_loss": [5.0, 4.0, 3.0],
+                       "val_loss_en": [5.5, 4.5, 3.5], "val_loss_fr": [5.6, 4.6, 3.6]})
+    for n in (1, 2, 3):
+        fig = loss_curves({f"m{i}": df for i in range(n)}, ["en", "fr"])
+        shown = [a for a in fig.axes if a.get_visible()]
+        assert all(a.lines or a.get_legend() for a in shown)
+        assert len(shown) == n + (n % 2 if n > 1 else 0)
+        assert sum(a.get_legend() is not None for a in shown) + len(fig.legends) == 1
+        plt.close(fig)

@@ -41,10 +41,31 @@ def _marked_context(model, ids: list[int], pos: int) -> str:
 
 
 @torch.no_grad()
+def feature_activations(model, clt, tokens: Tensor, layer: int, feature: int, batch_size: int = 16,
+                        bos_id: int | None = None, pad_id: int | None = PAD_ID) -> Tensor:
+    """[rows, positions]: the activation of feature ``feature`` of layer ``layer`` at every
+    token of ``tokens``, read on the original model's MLP inputs; 0 at BOS and ``pad_id``
+    positions. One feature of a whole text set is small; the dense activations of all
+    features are only ever held for one batch."""
+    clt.eval()
+    bos = _bos_id(model, bos_id)
+    device = next(model.parameters()).device
+    name = f"blocks.{layer}.{clt.cfg.input_hook}"
+    out = []
+    for start in range(0, tokens.shape[0], batch_size):
+        chunk = tokens[start:start + batch_size].to(device)
+        _, cache = model.run_with_cache(chunk, names_filter=[name], stop_at_layer=layer + 1)
+        acts = encode_layer(clt, cache[name].to(clt.W_enc.dtype), layer)[..., feature]
+        out.append(acts.masked_fill(~kept_positions(chunk, bos, pad_id), 0.0).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, tokens.shape[1])
+
+
+@torch.no_grad()
 def top_activating_examples(model, clt, tokens_by_lang: Mapping[str, Tensor], layer: int,
                             feature: int, k: int = 10, per_language: bool = True,
                             window: int | None = 12, after: int | None = 2, batch_size: int = 16,
-                            bos_id: int | None = None, pad_id: int | None = PAD_ID):
+                            bos_id: int | None = None, pad_id: int | None = PAD_ID,
+                            activations: Mapping[str, Tensor] | None = None):
     """Top activating token positions of feature ``feature`` of layer ``layer``, read on the
     original model's MLP inputs (BOS and ``pad_id`` positions excluded, so rows of
     ``corpus.verse_rows`` work: one verse per row).
@@ -53,28 +74,18 @@ def top_activating_examples(model, clt, tokens_by_lang: Mapping[str, Tensor], la
     position, activation, token, context; ``k`` rows per language (``per_language``) or
     ``k`` overall. ``context`` shows up to ``window`` tokens before the position, the token
     itself in [[ ]], and ``after`` tokens after it (None: the rest of the row on that side).
-    Features that never fire give no rows.
+    Features that never fire give no rows. ``activations``: the feature's activations per
+    language from ``feature_activations``, when the caller already has them.
     """
     import pandas as pd
 
-    clt.eval()
     bos = _bos_id(model, bos_id)
-    device = next(model.parameters()).device
-    name = f"blocks.{layer}.{clt.cfg.input_hook}"
     found = []
     for lang, tokens in tokens_by_lang.items():
-        best_v = torch.empty(0)
-        best_i = torch.empty(0, dtype=torch.long)
-        for start in range(0, tokens.shape[0], batch_size):
-            chunk = tokens[start:start + batch_size].to(device)
-            _, cache = model.run_with_cache(chunk, names_filter=[name], stop_at_layer=layer + 1)
-            x = cache[name].to(clt.W_enc.dtype)
-            acts = encode_layer(clt, x, layer)[..., feature]
-            skip = ~kept_positions(chunk, bos, pad_id)
-            acts = acts.masked_fill(skip, 0.0).flatten().cpu()
-            idx = torch.arange(acts.numel()) + start * tokens.shape[1]
-            best_v, order = torch.cat([best_v, acts]).topk(min(k, best_v.numel() + acts.numel()))
-            best_i = torch.cat([best_i, idx])[order]
+        acts = (activations[lang] if activations is not None else
+                feature_activations(model, clt, tokens, layer, feature, batch_size, bos, pad_id))
+        flat = acts.flatten()
+        best_v, best_i = flat.topk(min(k, flat.numel()))
         for v, i in zip(best_v.tolist(), best_i.tolist()):
             if v > 0:
                 row, pos = divmod(i, tokens.shape[1])

@@ -40,7 +40,8 @@ def fertility_figure(fertility: pd.DataFrame, order: Sequence[str] | None = None
 
 def loss_curves(metrics: Mapping[str, pd.DataFrame], languages):
     """One panel per model (two side by side): validation loss per language against
-    training tokens, the training loss in grey; one shared legend under the panels."""
+    training tokens, the training loss in grey; one shared legend, in the free panel slot
+    when the number of models is odd, else under the panels."""
     fig, axes = panels(len(metrics), per_row=2, height=2.6, sharey=True)
     for ax, (name, df) in zip(axes, metrics.items()):
         val = val_loss_columns(df, languages)
@@ -55,7 +56,13 @@ def loss_curves(metrics: Mapping[str, pd.DataFrame], languages):
         ax.set_xlabel("training tokens")
     axes[0].set_ylabel("validation loss\n(nats per token)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6))
+    spare = [a for a in fig.axes if not a.get_visible()]
+    if spare:
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        spare[0].legend(handles, labels, loc="center", fontsize=10)
+    else:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6))
     return fig
 
 

@@ -1,0 +1,134 @@
+"""Attribution graphs of the run's models with circuit-tracer, and what the book reads off
+them.
+
+circuit-tracer computes the graph (``attribute``), prunes it by cumulative influence
+(``prune_graph``) and scores it (``compute_graph_scores``); this module only prepares its
+inputs from the project's models and turns its ``Graph`` into tables:
+
+* ``graph_for_prompt``: one graph for a token prompt, with the next-token logit of a given
+  answer, or of a custom direction (``language_target``), as the attribution target;
+* ``graph_nodes``: the nodes kept by pruning (features with layer, position, feature id,
+  activation and influence on the target; error nodes; tokens), as a DataFrame;
+* ``language_target``: the "language vector" target of the multilingual-CLT study, the
+  unembedding of the answer in the prompt's language minus the mean of the answer's
+  unembeddings over the run's languages (circuit-tracer's ``CustomTarget``);
+* ``shared_features``: across the graphs of one concept in several languages, which
+  features appear in all of them, by layer, and the share of each graph's influence they
+  carry. No library computes this cross-language comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+
+def graph_for_prompt(replacement, tokens: Tensor | Sequence[int], target=None,
+                     max_feature_nodes: int | None = None, batch_size: int = 256):
+    """circuit-tracer's attribution graph of ``tokens`` (BOS first). ``target``: a token id
+    (its logit at the last position), a ``CustomTarget`` (``language_target``), or None for
+    circuit-tracer's default (the most likely next tokens up to 95 % probability)."""
+    from circuit_tracer import attribute
+    from circuit_tracer.attribution.targets import CustomTarget
+
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    if tokens.numel() < 2:
+        raise ValueError(f"a prompt needs BOS and at least one token, got {tokens.numel()} token(s)")
+    if target is None:
+        targets = None
+    elif isinstance(target, CustomTarget):
+        targets = [target]
+    else:
+        vocab = replacement.cfg.d_vocab
+        if not 0 <= int(target) < vocab:
+            raise ValueError(f"target token {int(target)} is outside the vocabulary (0..{vocab - 1})")
+        targets = torch.tensor([int(target)])
+    return attribute(tokens, replacement, attribution_targets=targets,
+                     max_feature_nodes=max_feature_nodes, batch_size=batch_size)
+
+
+def graph_scores(graph) -> dict:
+    """circuit-tracer's replacement and completeness scores of a graph."""
+    from circuit_tracer.graph import compute_graph_scores
+
+    replacement, completeness = compute_graph_scores(graph)
+    return {"replacement": replacement, "completeness": completeness}
+
+
+def graph_nodes(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98):
+    """The nodes that survive circuit-tracer's pruning, one row each: kind (feature, error,
+    token, logit), layer (the embedding is layer -1, logits n_layers), position, feature id
+    (features only), activation (features only) and influence on the target (the node's
+    share of the influence on the logit nodes, from the pruning)."""
+    import pandas as pd
+    from circuit_tracer.graph import compute_node_influence, prune_graph
+
+    n_layers, n_pos = graph.cfg.n_layers, graph.n_pos
+    n_feat = len(graph.selected_features)
+    n_logit = len(graph.logit_targets)
+    n_err = n_layers * n_pos
+    mask = prune_graph(graph, node_threshold, edge_threshold).node_mask
+    weights = torch.zeros(graph.adjacency_matrix.shape[0])
+    weights[-n_logit:] = graph.logit_probabilities.float().cpu()
+    influence = compute_node_influence(graph.adjacency_matrix.float().cpu(), weights)
+    influence = influence / influence[: -n_logit].sum().clamp(min=1e-12)
+    rows = []
+    feats = graph.active_features[graph.selected_features].cpu()
+    for i in torch.nonzero(mask.cpu()).flatten().tolist():
+        if i < n_feat:
+            layer, pos, f = feats[i].tolist()
+            rows.append(("feature", layer, pos, f, float(graph.activation_values[i]), float(influence[i])))
+        elif i < n_feat + n_err:
+            layer, pos = divmod(i - n_feat, n_pos)
+            rows.append(("error", layer, pos, -1, float("nan"), float(influence[i])))
+        elif i < n_feat + n_err + n_pos:
+            rows.append(("token", -1, i - n_feat - n_err, -1, float("nan"), float(influence[i])))
+        else:
+            rows.append(("logit", n_layers, n_pos - 1, -1, float("nan"), float("nan")))
+    return pd.DataFrame(rows, columns=["kind", "layer", "position", "feature", "activation", "influence"])
+
+
+def language_target(model, answers: Mapping[str, int], language: str):
+    """circuit-tracer ``CustomTarget`` for the direction W_U[:, answer in ``language``] minus
+    the mean of W_U[:, answer] over the languages of ``answers`` (the first token of the
+    same word in each language): what pushes the output towards this language's form of
+    the answer rather than towards the answer in general."""
+    from circuit_tracer.attribution.targets import CustomTarget
+
+    if language not in answers:
+        raise ValueError(f"language {language!r} has no answer; answers are given for {sorted(answers)}")
+    if len(answers) < 2:
+        raise ValueError("a language target needs the answer in at least two languages")
+    W_U = model.W_U.detach()
+    ids = torch.tensor([int(answers[lang]) for lang in answers])
+    direction = W_U[:, int(answers[language])] - W_U[:, ids].mean(1)
+    return CustomTarget(token_str=f"{language} vector", prob=1.0, vec=direction)
+
+
+def shared_features(nodes_by_language: Mapping[str, "object"]):
+    """For one concept's graphs in several languages (``graph_nodes`` tables): per layer the
+    number of distinct features in each graph, the number present in every graph, and per
+    language the share of the graph's feature influence carried by those shared features.
+    Features are matched by (layer, feature id), at any position."""
+    import pandas as pd
+
+    langs = list(nodes_by_language)
+    if len(langs) < 2:
+        raise ValueError(f"need graphs of at least two languages, got {langs}")
+    feats = {lang: df[df["kind"] == "feature"] for lang, df in nodes_by_language.items()}
+    layers = sorted(set().union(*(set(f["layer"]) for f in feats.values())))
+    rows = []
+    for layer in layers:
+        sets = {lang: set(f.loc[f["layer"] == layer, "feature"]) for lang, f in feats.items()}
+        common = set.intersection(*sets.values())
+        row = {"layer": layer, "shared": len(common),
+               "features (mean per graph)": sum(map(len, sets.values())) / len(sets)}
+        for lang, f in feats.items():
+            here = f[f["layer"] == layer]
+            total = here["influence"].sum()
+            row[f"shared influence {lang}"] = (here.loc[here["feature"].isin(common), "influence"].sum()
+                                               / total if total > 0 else float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,238 @@
+"""Prompts the run's own models can answer, for attribution graphs (chapter 06) and
+interventions (chapter 07).
+
+* ``mine_concepts``: a concept table (one word per concept and language) found by
+  co-occurrence over aligned units of text (the corpus's training chapters, aligned by their
+  ``book:chapter`` ids), seeded by a short list of words in one language. No hand
+  translation is needed, so any language pair of the corpus works. The statistic is the
+  Dice coefficient 2·|A∩B| / (|A| + |B|) over the sets of units that contain each word.
+  Written by hand: word alignment toolkits (fast_align, eflomal) are not Python packages
+  and need far more text than a seed list does.
+* ``cloze_prompts``: test verses cut just before a concept's word, kept where the model's
+  greedy next token is the first token of that word in that language.
+* A JSON-lines prompt format (``read_prompts`` / ``write_prompts``) with validation that
+  names the bad line and field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .languages import NO_SPACE_LANGUAGES, check_languages
+
+# Concepts frequent in the Bible, by seed language. A run whose corpus lacks the first
+# language with seeds uses the next one.
+SEEDS: dict[str, dict[str, str]] = {
+    "en": {"God": "God", "Jesus": "Jesus", "Moses": "Moses", "Israel": "Israel",
+           "David": "David", "Jerusalem": "Jerusalem", "Egypt": "Egypt", "king": "king",
+           "water": "water", "day": "day", "land": "land", "father": "father",
+           "son": "son", "house": "house", "heaven": "heaven", "earth": "earth"},
+    "fr": {"God": "Dieu", "Jesus": "Jésus", "Moses": "Moïse", "Israel": "Israël",
+           "David": "David", "Jerusalem": "Jérusalem", "Egypt": "Égypte", "king": "roi",
+           "water": "eau", "day": "jour", "land": "pays", "father": "père",
+           "son": "fils", "house": "maison", "heaven": "ciel", "earth": "terre"},
+}
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words_of(text: str, lang: str, max_chars: int = 3) -> set[str]:
+    """Candidate words of a text: lower-cased word tokens, or for languages written without
+    spaces every run of 1..``max_chars`` word characters."""
+    if lang in NO_SPACE_LANGUAGES:
+        out = set()
+        for run in _WORD.findall(text):
+            for n in range(1, max_chars + 1):
+                out.update(run[i:i + n] for i in range(len(run) - n + 1))
+        return out
+    return {w.lower() for w in _WORD.findall(text)}
+
+
+def mine_concepts(units: Mapping[str, Sequence[str]], seeds: Mapping[str, str] | None = None,
+                  seed_language: str | None = None, min_units: int = 3, max_chars: int = 3,
+                  longer_within: float = 0.95):
+    """The word of each seed concept in every language of ``units``.
+
+    ``units[lang]``: texts aligned across languages (same length, unit i of every language
+    has the same meaning). ``seeds``: concept -> word in ``seed_language`` (default: the
+    first language of ``SEEDS`` present in ``units``). For each concept and language the
+    word whose set of units is most like the seed word's (Dice) is chosen; for languages
+    without spaces, among candidates within ``longer_within`` of the best Dice the longest
+    is taken (a word and its first character co-occur equally). Concepts whose seed word is
+    in fewer than ``min_units`` units are dropped.
+
+    Returns a DataFrame indexed by concept with one column per language (the words) and one
+    ``dice_<lang>`` column per language.
+    """
+    import pandas as pd
+
+    langs = check_languages(list(units))
+    n = {lang: len(units[lang]) for lang in langs}
+    if len(set(n.values())) != 1:
+        raise ValueError(f"units must be aligned (the same number per language), got {n}")
+    if seeds is None:
+        seed_language = seed_language or next((l for l in SEEDS if l in units), None)
+        if seed_language is None:
+            raise ValueError(f"no seed list for the languages {langs}; pass seeds= and "
+                             f"seed_language= (seed lists exist for {sorted(SEEDS)})")
+        seeds = SEEDS[seed_language]
+    if seed_language not in units:
+        raise ValueError(f"seed_language {seed_language!r} is not among the languages {langs}")
+    index = {}
+    for lang in langs:
+        where: dict[str, set[int]] = {}
+        for i, text in enumerate(units[lang]):
+            for w in words_of(text, lang, max_chars):
+                where.setdefault(w, set()).add(i)
+        index[lang] = where
+    rows = {}
+    for concept, word in seeds.items():
+        a = index[seed_language].get(word.lower() if seed_language not in NO_SPACE_LANGUAGES else word)
+        if not a or len(a) < min_units:
+            continue
+        row = {}
+        for lang in langs:
+            if lang == seed_language:
+                row[lang], row[f"dice_{lang}"] = word, 1.0
+                continue
+            scored = [(2 * len(a & b) / (len(a) + len(b)), w) for w, b in index[lang].items()
+                      if len(b) >= min_units]
+            if not scored:
+                row[lang], row[f"dice_{lang}"] = None, 0.0
+                continue
+            best = max(d for d, _ in scored)
+            pool = [(d, w) for d, w in scored if d >= longer_within * best] \
+                if lang in NO_SPACE_LANGUAGES else [(d, w) for d, w in scored if d == best]
+            d, w = max(pool, key=lambda t: (len(t[1]), t[0], t[1]))
+            row[lang], row[f"dice_{lang}"] = w, d
+        rows[concept] = row
+    cols = langs + [f"dice_{lang}" for lang in langs]
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=cols)
+    table.index.name = "concept"
+    return table
+
+
+def _find_word(text: str, word: str, lang: str) -> int:
+    """Character index of the first occurrence of ``word`` as a whole word (case-insensitive
+    for cased scripts); -1 if absent."""
+    if lang in NO_SPACE_LANGUAGES:
+        return text.find(word)
+    m = re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE)
+    return m.start() if m else -1
+
+
+def cloze_candidates(concepts, verses: Mapping[str, Sequence[str]], keys: Sequence[str],
+                     min_chars: int = 12) -> list[dict]:
+    """Every (concept, language, verse) where the concept's word appears after at least
+    ``min_chars`` characters: the prompt is the verse up to the word (without the space
+    before it), the target is the word as it appears in the verse (with that space)."""
+    out = []
+    for concept, row in concepts.iterrows():
+        for lang, texts in verses.items():
+            word = row.get(lang)
+            if not isinstance(word, str) or not word:
+                continue
+            for key, text in zip(keys, texts):
+                i = _find_word(text, word, lang)
+                if i < min_chars:
+                    continue
+                cut = len(text[:i].rstrip())
+                out.append({"concept": concept, "language": lang, "verse": key,
+                            "prompt": text[:cut], "target": text[cut:i + len(word)]})
+    return out
+
+
+def cloze_prompts(model, concepts, verses: Mapping[str, Sequence[str]], keys: Sequence[str],
+                  per_concept: int = 3, min_chars: int = 12, max_tokens: int | None = None):
+    """Cloze prompts the model answers: candidates from ``cloze_candidates`` whose greedy
+    next token (after BOS + prompt) is the first token of the target, up to ``per_concept``
+    per concept and language (earliest verses first). Returns a DataFrame with columns
+    concept, language, verse, prompt, target, target_token (id), p_target."""
+    import pandas as pd
+    import torch
+
+    tok = model.tokenizer
+    bos = tok.bos_token_id
+    max_tokens = max_tokens or model.cfg.n_ctx - 1
+    kept, count = [], Counter()
+    for c in cloze_candidates(concepts, verses, keys, min_chars):
+        if count[(c["concept"], c["language"])] >= per_concept:
+            continue
+        ids = tok.encode(c["prompt"], add_special_tokens=False)
+        whole = tok.encode(c["prompt"] + c["target"], add_special_tokens=False)
+        if whole[:len(ids)] != ids or len(whole) == len(ids):
+            continue                        # the word merges with the prompt's last token
+        first = whole[len(ids)]
+        context = [bos] + ids[-(max_tokens - 1):]
+        with torch.no_grad():
+            logits = model(torch.tensor([context], device=model.cfg.device))[0, -1]
+        if int(logits.argmax()) != first:
+            continue
+        p = float(torch.softmax(logits.float(), -1)[first])
+        kept.append({**c, "target_token": first, "p_target": p})
+        count[(c["concept"], c["language"])] += 1
+    return pd.DataFrame(kept, columns=["concept", "language", "verse", "prompt", "target",
+                                       "target_token", "p_target"])
+
+
+# --------------------------------------------------------------- prompt files -----------
+
+PROMPT_FIELDS = {"prompt": str, "language": str}
+OPTIONAL_FIELDS = {"target": str, "concept": str, "id": str}
+
+
+def check_prompt(record: Any, where: str) -> dict:
+    """One prompt record, checked: a JSON object with a non-empty ``prompt`` and a known
+    ``language``; optional ``target``, ``concept``, ``id`` strings. ``where`` names the
+    record in errors (e.g. ``prompts.jsonl line 4``)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a prompt must be a JSON object, got {type(record).__name__}")
+    for name, kind in PROMPT_FIELDS.items():
+        if name not in record:
+            raise ValueError(f"{where}: field {name!r} is missing (required: {sorted(PROMPT_FIELDS)})")
+    for name, kind in {**PROMPT_FIELDS, **OPTIONAL_FIELDS}.items():
+        if name in record and not isinstance(record[name], kind):
+            raise ValueError(f"{where}: field {name!r} must be a string, got {record[name]!r}")
+    if not record["prompt"].strip():
+        raise ValueError(f"{where}: field 'prompt' is empty")
+    try:
+        check_languages([record["language"]])
+    except ValueError as err:
+        raise ValueError(f"{where}: field 'language': {err}") from None
+    return record
+
+
+def read_prompts(path) -> list[dict]:
+    """Prompts from a JSON-lines file, one object per line (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path.name} line {n}: not valid JSON ({err.msg})") from None
+            out.append(check_prompt(record, f"{path.name} line {n}"))
+    if not out:
+        raise ValueError(f"prompt file {path} holds no prompt")
+    return out
+
+
+def write_prompts(path, records: Iterable[Mapping[str, Any]]) -> Path:
+    """Write checked prompt records as JSON lines (written to a temporary name first)."""
+    path = Path(path)
+    rows = [check_prompt(dict(r), f"record {i}") for i, r in enumerate(records)]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,91 @@
+"""Attribution graphs on a tiny random model and CLT: every checked edge equals the effect
+of intervening on its source in the linearised replacement model (as circuit-tracer's own
+tests check), and the tables the book reads off a graph."""
+
+import pandas as pd
+import pytest
+import torch
+
+from mlclt_utils.graphs import attribution as A
+from mlclt_utils.graphs.circuit_tracer import build_replacement_model
+
+from test_clt_formats import BOS, L, tiny_clt, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
+TOKENS = torch.tensor([BOS, 5, 9, 7, 11, 30, 6, 8])
+
+
+@pytest.fixture(scope="module")
+def replacement():
+    torch.manual_seed(0)
+    model, clt = tiny_model(), tiny_clt()
+    rm = build_replacement_model(model, clt, tokenizer=tiny_tokenizer())
+    yield rm
+    rm.reset_hooks(including_permanent=True)
+
+
+def test_each_feature_edge_is_the_effect_of_intervening_on_its_source(replacement):
+    rm = replacement
+    graph = A.graph_for_prompt(rm, TOKENS, target=None)
+    feats = graph.active_features
+    n = feats.shape[0]
+    assert n > 0
+    logits, acts = rm.get_activations(TOKENS, apply_activation_function=False)
+    targets = graph.logit_token_ids
+    before = acts[feats[:, 0], feats[:, 1], feats[:, 2]]
+    before_logits = logits[0, -1, targets] - logits[0, -1].mean()
+    g = torch.Generator().manual_seed(0)
+    for node in torch.randperm(n, generator=g)[:12].tolist():
+        layer, pos, f = feats[node].tolist()
+        new_logits, new_acts = rm.feature_intervention(
+            TOKENS, [(layer, pos, f, acts[layer, pos, f] * 2)],
+            constrained_layers=range(rm.cfg.n_layers), apply_activation_function=False)
+        effect = graph.adjacency_matrix[:, node]
+        after = new_acts[feats[:, 0], feats[:, 1], feats[:, 2]]
+        torch.testing.assert_close(after - before, effect[:n], atol=5e-4, rtol=1e-4)
+        after_logits = new_logits[0, -1, targets] - new_logits[0, -1].mean()
+        torch.testing.assert_close(after_logits - before_logits, effect[-len(targets):],
+                                   atol=1e-4, rtol=1e-3)
+
+
+def test_graph_tables_and_scores(replacement):
+    graph = A.graph_for_prompt(replacement, TOKENS, target=7)
+    assert graph.logit_token_ids.tolist() == [7]
+    scores = A.graph_scores(graph)
+    assert 0 <= scores["replacement"] <= 1 and 0 <= scores["completeness"] <= 1
+    nodes = A.graph_nodes(graph)
+    assert set(nodes["kind"]) <= {"feature", "error", "token", "logit"}
+    assert (nodes["kind"] == "token").sum() == len(TOKENS) and (nodes["kind"] == "logit").sum() == 1
+    feats = nodes[nodes["kind"] == "feature"]
+    assert feats["layer"].between(0, L - 1).all() and (feats["activation"] > 0).all()
+    assert nodes.loc[nodes["kind"] != "logit", "influence"].sum() <= 1 + 1e-6
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        A.graph_for_prompt(replacement, TOKENS, target=10_000)
+    with pytest.raises(ValueError, match="at least one token"):
+        A.graph_for_prompt(replacement, TOKENS[:1])
+
+
+def test_the_language_target_is_the_answer_minus_its_mean_over_languages(replacement):
+    model = tiny_model()
+    t = A.language_target(model, {"en": 5, "fr": 9, "de": 11}, "fr")
+    W = model.W_U.detach()
+    torch.testing.assert_close(t.vec, W[:, 9] - (W[:, 5] + W[:, 9] + W[:, 11]) / 3)
+    graph = A.graph_for_prompt(replacement, TOKENS, target=t)
+    assert graph.adjacency_matrix.shape[0] == graph.adjacency_matrix.shape[1]
+    with pytest.raises(ValueError, match="'zh'"):
+        A.language_target(model, {"en": 5, "fr": 9}, "zh")
+
+
+def test_shared_features_by_layer_on_constructed_graphs():
+    def nodes(rows):
+        return pd.DataFrame([("feature", l, 0, f, 1.0, w) for l, f, w in rows],
+                            columns=["kind", "layer", "position", "feature", "activation", "influence"])
+
+    out = A.shared_features({"en": nodes([(0, 1, 0.3), (0, 2, 0.1), (1, 5, 0.6)]),
+                             "fr": nodes([(0, 1, 0.2), (1, 6, 0.5), (1, 5, 0.5)])}).set_index("layer")
+    assert out.loc[0, "shared"] == 1 and out.loc[1, "shared"] == 1
+    assert out.loc[0, "shared influence en"] == pytest.approx(0.75)
+    assert out.loc[0, "shared influence fr"] == pytest.approx(1.0)
+    assert out.loc[1, "shared influence fr"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="two languages"):
+        A.shared_features({"en": nodes([(0, 1, 1.0)])})

@@ -1,0 +1,94 @@
+"""Feature interventions on a tiny random model and CLT, against independent references:
+the model itself, a hand-built hook, and circuit-tracer's feature_intervention."""
+
+import pytest
+import torch
+
+from mlclt_utils.clt.evaluate import encode_layer
+from mlclt_utils.graphs.circuit_tracer import build_replacement_model
+from mlclt_utils.interventions import Steer, greedy_generate, steered_logits
+
+from test_clt_formats import BOS, L, tiny_clt, tiny_model, tiny_tokenizer
+
+TOKENS = torch.tensor([[BOS, 5, 9, 7, 11, 30, 6, 8]])
+
+
+def _acts(model, clt, layer):
+    name = f"blocks.{layer}.{clt.cfg.input_hook}"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS, names_filter=[name])
+        return encode_layer(clt, cache[name], layer)[0]          # [pos, F]
+
+
+def _busy(acts):
+    return [int(f) for f in acts[1:].gt(0).sum(0).argsort(descending=True)[:3]]
+
+
+def test_setting_features_to_their_own_value_changes_nothing():
+    model, clt = tiny_model(), tiny_clt()
+    steers = [Steer(l, f, scale=1.0) for l in range(L) for f in _busy(_acts(model, clt, l))]
+    with torch.no_grad():
+        torch.testing.assert_close(steered_logits(model, clt, TOKENS, steers, bos_id=BOS),
+                                   model(TOKENS), rtol=0, atol=1e-5)
+
+
+def test_clamping_a_last_layer_feature_removes_exactly_its_decoder_write():
+    model, clt = tiny_model(), tiny_clt()
+    last = L - 1
+    acts = _acts(model, clt, last)
+    f = _busy(acts)[0]
+    write = acts[:, f, None] * clt.W_dec[last][f, 0] / clt.output_scale[last]     # [pos, d]
+    write[0] = 0                                                                  # BOS untouched
+
+    def remove(out, hook):
+        return out - write.detach()
+
+    with torch.no_grad():
+        expected = model.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.{last}.hook_mlp_out", remove)])
+        got = steered_logits(model, clt, TOKENS, [Steer(last, f, scale=0.0)], bos_id=BOS)
+    assert (write.abs().sum() > 0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_the_same_intervention_through_circuit_tracer_gives_the_same_logits():
+    model, clt = tiny_model(), tiny_clt()
+    steers = [Steer(0, _busy(_acts(model, clt, 0))[0], value=0.0),
+              Steer(0, 3, value=2.5), Steer(1, _busy(_acts(model, clt, 1))[1], value=-1.0)]
+    rm = build_replacement_model(model, clt, tokenizer=tiny_tokenizer())
+    try:
+        n = TOKENS.shape[1]
+        ct = [(s.layer, p, s.feature, s.value) for s in steers for p in range(1, n)]
+        ct_logits, _ = rm.feature_intervention(TOKENS[0], ct, constrained_layers=None,
+                                               freeze_attention=False)
+    finally:
+        rm.reset_hooks(including_permanent=True)
+    with torch.no_grad():
+        ours = steered_logits(model, clt, TOKENS, steers, bos_id=BOS)
+        plain = model(TOKENS)
+    assert (ours - plain).abs().max() > 1e-3                   # the steering does something
+    torch.testing.assert_close(ours, ct_logits.reshape(ours.shape), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generation_with_and_without_a_neutral_steer():
+    model, clt = tiny_model(), tiny_clt()
+    prompt = TOKENS[0, :4]
+    ids, expected = prompt.tolist(), []
+    with torch.no_grad():
+        for _ in range(3):
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+            expected.append(nxt)
+            ids.append(nxt)
+    assert greedy_generate(model, clt, prompt, max_new_tokens=3) == expected
+    assert greedy_generate(model, clt, prompt, [Steer(0, 1, scale=1.0)], max_new_tokens=3) == expected
+    assert greedy_generate(model, clt, prompt, max_new_tokens=3, stop_ids=[expected[0]]) == expected[:1]
+
+
+def test_bad_steers_are_refused_with_the_bad_value():
+    model, clt = tiny_model(), tiny_clt()
+    with pytest.raises(ValueError, match="exactly one"):
+        Steer(0, 1)
+    with pytest.raises(ValueError, match="layer 9"):
+        steered_logits(model, clt, TOKENS, [Steer(9, 1, scale=0.0)])
+    with pytest.raises(ValueError, match="feature 100000"):
+        steered_logits(model, clt, TOKENS, [Steer(0, 100_000, scale=0.0)])
