@@ -8,8 +8,8 @@ interventions (chapter 07).
   Dice coefficient 2·|A∩B| / (|A| + |B|) over the sets of units that contain each word.
   Written by hand: word alignment toolkits (fast_align, eflomal) are not Python packages
   and need far more text than a seed list does.
-* ``cloze_prompts``: test verses cut just before a concept's word, kept where the model's
-  greedy next token is the first token of that word in that language.
+* ``cloze_prompts``: test verses cut just before a concept's word, preferring those where
+  the model's greedy next token is the first token of that word in that language.
 * A JSON-lines prompt format (``read_prompts`` / ``write_prompts``) with validation that
   names the bad line and field.
 """
@@ -108,12 +108,20 @@ def mine_concepts(units: Mapping[str, Sequence[str]], seeds: Mapping[str, str] |
             pool = [(d, w) for d, w in scored if d >= longer_within * best] \
                 if lang in NO_SPACE_LANGUAGES else [(d, w) for d, w in scored if d == best]
             d, w = max(pool, key=lambda t: (len(t[1]), t[0], t[1]))
-            row[lang], row[f"dice_{lang}"] = w, d
+            row[lang], row[f"dice_{lang}"] = _surface(units[lang], w, lang), d
         rows[concept] = row
     cols = langs + [f"dice_{lang}" for lang in langs]
     table = pd.DataFrame.from_dict(rows, orient="index", columns=cols)
     table.index.name = "concept"
     return table
+
+
+def _surface(texts: Sequence[str], word: str, lang: str) -> str:
+    """The most frequent spelling of a lower-cased word in ``texts`` (``dieu`` -> ``Dieu``)."""
+    if lang in NO_SPACE_LANGUAGES:
+        return word
+    forms = Counter(m for t in texts for m in _WORD.findall(t) if m.lower() == word)
+    return forms.most_common(1)[0][0] if forms else word
 
 
 def _find_word(text: str, word: str, lang: str) -> int:
@@ -147,20 +155,24 @@ def cloze_candidates(concepts, verses: Mapping[str, Sequence[str]], keys: Sequen
 
 
 def cloze_prompts(model, concepts, verses: Mapping[str, Sequence[str]], keys: Sequence[str],
-                  per_concept: int = 3, min_chars: int = 12, max_tokens: int | None = None):
-    """Cloze prompts the model answers: candidates from ``cloze_candidates`` whose greedy
-    next token (after BOS + prompt) is the first token of the target, up to ``per_concept``
-    per concept and language (earliest verses first). Returns a DataFrame with columns
-    concept, language, verse, prompt, target, target_token (id), p_target."""
+                  per_concept: int = 3, min_chars: int = 12, max_candidates: int = 20,
+                  max_tokens: int | None = None):
+    """Cloze prompts for the model: for each concept and language, up to ``max_candidates``
+    candidates from ``cloze_candidates`` (earliest verses first) are scored by the model,
+    and the ``per_concept`` best are kept: first those it answers (its greedy next token
+    after BOS + prompt is the first token of the target), then the others by the
+    probability of that token. Returns a DataFrame with columns concept, language, verse,
+    prompt, target, target_token (id), p_target and answered."""
     import pandas as pd
     import torch
 
     tok = model.tokenizer
     bos = tok.bos_token_id
     max_tokens = max_tokens or model.cfg.n_ctx - 1
-    kept, count = [], Counter()
+    scored: dict[tuple, list[dict]] = {}
     for c in cloze_candidates(concepts, verses, keys, min_chars):
-        if count[(c["concept"], c["language"])] >= per_concept:
+        group = scored.setdefault((c["concept"], c["language"]), [])
+        if len(group) >= max_candidates:
             continue
         ids = tok.encode(c["prompt"], add_special_tokens=False)
         whole = tok.encode(c["prompt"] + c["target"], add_special_tokens=False)
@@ -169,14 +181,14 @@ def cloze_prompts(model, concepts, verses: Mapping[str, Sequence[str]], keys: Se
         first = whole[len(ids)]
         context = [bos] + ids[-(max_tokens - 1):]
         with torch.no_grad():
-            logits = model(torch.tensor([context], device=model.cfg.device))[0, -1]
-        if int(logits.argmax()) != first:
-            continue
-        p = float(torch.softmax(logits.float(), -1)[first])
-        kept.append({**c, "target_token": first, "p_target": p})
-        count[(c["concept"], c["language"])] += 1
+            logits = model(torch.tensor([context], device=model.cfg.device))[0, -1].float()
+        group.append({**c, "target_token": first, "p_target": float(torch.softmax(logits, -1)[first]),
+                      "answered": int(logits.argmax()) == first})
+    kept = []
+    for group in scored.values():
+        kept += sorted(group, key=lambda r: (not r["answered"], -r["p_target"]))[:per_concept]
     return pd.DataFrame(kept, columns=["concept", "language", "verse", "prompt", "target",
-                                       "target_token", "p_target"])
+                                       "target_token", "p_target", "answered"])
 
 
 # --------------------------------------------------------------- prompt files -----------

@@ -97,7 +97,9 @@ HIDDEN_TAGS = {"parameters", "injected-parameters"}
 def tidy_executed(path: Path) -> None:
     """Make an executed chapter read as a book page: the notebook's and papermill's
     parameter cells are removed from the page (the chapter's header shows the run's
-    parameters once). Progress bars print one line each already (``viz.progress``)."""
+    parameters once), and the code of every other cell is folded under a "show code"
+    button (``hide-input``) unless the chapter already tags it, so the page reads as text,
+    figures and tables. Progress bars print one line each already (``viz.progress``)."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
@@ -105,6 +107,8 @@ def tidy_executed(path: Path) -> None:
         tags = cell.metadata.setdefault("tags", [])
         if HIDDEN_TAGS & set(tags) and "remove-cell" not in tags:
             tags.append("remove-cell")
+        elif cell.cell_type == "code" and not any(t.startswith(("remove-", "hide-")) for t in tags):
+            tags.append("hide-input")
     nbformat.write(nb, str(path))
 
 

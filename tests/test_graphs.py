@@ -53,12 +53,18 @@ def test_graph_tables_and_scores(replacement):
     assert graph.logit_token_ids.tolist() == [7]
     scores = A.graph_scores(graph)
     assert 0 <= scores["replacement"] <= 1 and 0 <= scores["completeness"] <= 1
-    nodes = A.graph_nodes(graph)
+    nodes, edges = A.pruned_graph(graph)
     assert set(nodes["kind"]) <= {"feature", "error", "token", "logit"}
     assert (nodes["kind"] == "token").sum() == len(TOKENS) and (nodes["kind"] == "logit").sum() == 1
     feats = nodes[nodes["kind"] == "feature"]
     assert feats["layer"].between(0, L - 1).all() and (feats["activation"] > 0).all()
     assert nodes.loc[nodes["kind"] != "logit", "influence"].sum() <= 1 + 1e-6
+    assert set(edges["source"]) | set(edges["target"]) <= set(nodes["node"])
+    adj = graph.adjacency_matrix
+    for _, e in edges.head(20).iterrows():
+        assert e["weight"] == pytest.approx(float(adj[int(e["target"]), int(e["source"])]))
+    logit = int(nodes.loc[nodes["kind"] == "logit", "node"].iloc[0])
+    assert (edges["target"] == logit).any()              # something reaches the target
     with pytest.raises(ValueError, match="outside the vocabulary"):
         A.graph_for_prompt(replacement, TOKENS, target=10_000)
     with pytest.raises(ValueError, match="at least one token"):

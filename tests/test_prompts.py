@@ -38,7 +38,7 @@ def test_mining_recovers_a_planted_translation_table():
                             seed_language="en")
     for concept, words in PLANTED.items():
         for lang, word in words.items():
-            assert table.loc[concept, lang] == word.lower() or table.loc[concept, lang] == word
+            assert table.loc[concept, lang] == word          # the spelling found in the text
         assert table.loc[concept, "dice_fr"] == pytest.approx(1.0)
 
 
@@ -72,11 +72,13 @@ def test_cloze_prompts_keep_only_what_the_model_predicts():
             logits[0, -1, wanted if last == tok.convert_tokens_to_ids("w7") else 5] = 1.0
             return logits
 
-    out = P.cloze_prompts(Model(), concepts, verses, keys, min_chars=4)
-    assert list(out["verse"]) == ["1:1:1"]           # verse 2 predicts w5; verse 3 is too short
+    out = P.cloze_prompts(Model(), concepts, verses, keys, per_concept=2, min_chars=4)
+    assert list(out["verse"]) == ["1:1:1", "1:1:2"]   # the answered one first; verse 3 is too short
+    assert list(out["answered"]) == [True, False]
     row = out.iloc[0]
     assert row["prompt"] == "w4 w5 w6 w7" and row["target"] == " w9"
-    assert row["target_token"] == wanted and 0 < row["p_target"] < 1
+    assert row["target_token"] == wanted and out.iloc[0]["p_target"] > out.iloc[1]["p_target"]
+    assert list(P.cloze_prompts(Model(), concepts, verses, keys, per_concept=1, min_chars=4)["verse"]) == ["1:1:1"]
 
 
 def test_prompt_files_round_trip_and_name_the_bad_line(tmp_path):

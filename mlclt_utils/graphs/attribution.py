@@ -7,8 +7,8 @@ inputs from the project's models and turns its ``Graph`` into tables:
 
 * ``graph_for_prompt``: one graph for a token prompt, with the next-token logit of a given
   answer, or of a custom direction (``language_target``), as the attribution target;
-* ``graph_nodes``: the nodes kept by pruning (features with layer, position, feature id,
-  activation and influence on the target; error nodes; tokens), as a DataFrame;
+* ``pruned_graph``: the nodes and edges kept by pruning (features with layer, position,
+  feature id, activation and influence on the target; error nodes; tokens), as DataFrames;
 * ``language_target``: the "language vector" target of the multilingual-CLT study, the
   unembedding of the answer in the prompt's language minus the mean of the answer's
   unembeddings over the run's languages (circuit-tracer's ``CustomTarget``);
@@ -57,11 +57,15 @@ def graph_scores(graph) -> dict:
     return {"replacement": replacement, "completeness": completeness}
 
 
-def graph_nodes(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98):
-    """The nodes that survive circuit-tracer's pruning, one row each: kind (feature, error,
-    token, logit), layer (the embedding is layer -1, logits n_layers), position, feature id
-    (features only), activation (features only) and influence on the target (the node's
-    share of the influence on the logit nodes, from the pruning)."""
+def pruned_graph(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98):
+    """What survives circuit-tracer's pruning, as two DataFrames.
+
+    ``nodes``: one row per kept node: node (its index in the full graph), kind (feature,
+    error, token, logit), layer (the embedding is layer -1, logits n_layers), position,
+    feature id and activation (features only), and influence (the node's share of the total
+    influence on the targets, from circuit-tracer's influence computation).
+    ``edges``: source node, target node and weight (the direct effect) of the kept edges.
+    """
     import pandas as pd
     from circuit_tracer.graph import compute_node_influence, prune_graph
 
@@ -69,25 +73,33 @@ def graph_nodes(graph, node_threshold: float = 0.8, edge_threshold: float = 0.98
     n_feat = len(graph.selected_features)
     n_logit = len(graph.logit_targets)
     n_err = n_layers * n_pos
-    mask = prune_graph(graph, node_threshold, edge_threshold).node_mask
-    weights = torch.zeros(graph.adjacency_matrix.shape[0])
+    adj = graph.adjacency_matrix.float().cpu()
+    pruned = prune_graph(graph, node_threshold, edge_threshold)
+    mask, edge_mask = pruned.node_mask.cpu(), pruned.edge_mask.cpu()
+    weights = torch.zeros(adj.shape[0])
     weights[-n_logit:] = graph.logit_probabilities.float().cpu()
-    influence = compute_node_influence(graph.adjacency_matrix.float().cpu(), weights)
+    influence = compute_node_influence(adj, weights)
     influence = influence / influence[: -n_logit].sum().clamp(min=1e-12)
     rows = []
     feats = graph.active_features[graph.selected_features].cpu()
-    for i in torch.nonzero(mask.cpu()).flatten().tolist():
+    kept = torch.nonzero(mask).flatten().tolist()
+    for i in kept:
         if i < n_feat:
             layer, pos, f = feats[i].tolist()
-            rows.append(("feature", layer, pos, f, float(graph.activation_values[i]), float(influence[i])))
+            rows.append((i, "feature", layer, pos, f, float(graph.activation_values[i]), float(influence[i])))
         elif i < n_feat + n_err:
             layer, pos = divmod(i - n_feat, n_pos)
-            rows.append(("error", layer, pos, -1, float("nan"), float(influence[i])))
+            rows.append((i, "error", layer, pos, -1, float("nan"), float(influence[i])))
         elif i < n_feat + n_err + n_pos:
-            rows.append(("token", -1, i - n_feat - n_err, -1, float("nan"), float(influence[i])))
+            rows.append((i, "token", -1, i - n_feat - n_err, -1, float("nan"), float(influence[i])))
         else:
-            rows.append(("logit", n_layers, n_pos - 1, -1, float("nan"), float("nan")))
-    return pd.DataFrame(rows, columns=["kind", "layer", "position", "feature", "activation", "influence"])
+            rows.append((i, "logit", n_layers, n_pos - 1, -1, float("nan"), float("nan")))
+    nodes = pd.DataFrame(rows, columns=["node", "kind", "layer", "position", "feature", "activation",
+                                        "influence"])
+    keep = mask[:, None] & mask[None, :] & edge_mask
+    tgt, src = torch.nonzero(keep, as_tuple=True)
+    edges = pd.DataFrame({"source": src.numpy(), "target": tgt.numpy(), "weight": adj[tgt, src].numpy()})
+    return nodes, edges
 
 
 def language_target(model, answers: Mapping[str, int], language: str):
@@ -108,7 +120,7 @@ def language_target(model, answers: Mapping[str, int], language: str):
 
 
 def shared_features(nodes_by_language: Mapping[str, "object"]):
-    """For one concept's graphs in several languages (``graph_nodes`` tables): per layer the
+    """For one concept's graphs in several languages (``pruned_graph`` node tables): per layer the
     number of distinct features in each graph, the number present in every graph, and per
     language the share of the graph's feature influence carried by those shared features.
     Features are matched by (layer, feature id), at any position."""

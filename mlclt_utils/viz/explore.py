@@ -56,7 +56,8 @@ def circuitsvis_view(view, fallback_html: str) -> str:
 
 
 def token_activation_view(tokens: Sequence[Sequence[str]], activations: Sequence[Tensor],
-                          unit_labels: Sequence[str], fallback_html: str = "") -> str:
+                          unit_labels: Sequence[str], fallback_html: str = "",
+                          group_label: str = "-") -> str:
     """The activations of several units over several texts, one text per sample: the reader
     picks a unit and a text and sees every token shaded by its activation
     (circuitsvis ``text_neuron_activations``). ``activations``: per sample a
@@ -74,7 +75,7 @@ def token_activation_view(tokens: Sequence[Sequence[str]], activations: Sequence
         acts.append(a[:, None, :].numpy())                      # [tokens, 1 layer, units]
     view = text_neuron_activations(tokens=[list(t) for t in tokens], activations=acts,
                                    first_dimension_name="layer", second_dimension_name="feature",
-                                   first_dimension_labels=["-"],
+                                   first_dimension_labels=[group_label],
                                    second_dimension_labels=list(unit_labels))
     return circuitsvis_view(view, fallback_html)
 
@@ -119,7 +120,7 @@ def _histogram_png(acts: Mapping[str, Tensor], order: Sequence[str]) -> str:
 
     from .style import TEXT_WIDTH
 
-    fig, ax = plt.subplots(figsize=(TEXT_WIDTH * 0.62, 2.3))
+    fig, ax = plt.subplots(figsize=(TEXT_WIDTH, 2.3))
     fired = {lang: a[a > 0].numpy() for lang, a in acts.items()}
     top = max((float(v.max()) for v in fired.values() if v.size), default=1.0)
     bins = torch.linspace(0, top, 31).numpy()
@@ -132,7 +133,7 @@ def _histogram_png(acts: Mapping[str, Tensor], order: Sequence[str]) -> str:
             ax.plot([], [], color=language_colour(lang), label=f"{lang}: never fires")
     ax.set_xlabel("activation where the feature fires")
     ax.set_ylabel("tokens")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -160,6 +161,9 @@ def feature_card(m: ExplorerModel, layer: int, feature: int, k: int = 2, title: 
     firing = " · ".join(f"{lang} {float((acts[lang] > 0).float().sum() / max(1, _n_tokens(m.rows[lang]))):.1%}"
                         for lang in order)
     head = html.escape(title or f"layer {layer}, feature {feature}")
+    rank = {lang: i for i, lang in enumerate(order)}
+    ex = ex.assign(_rank=ex["language"].map(rank)).sort_values(["_rank", "activation"],
+                                                               ascending=[True, False])
     rows_html = []
     for _, r in ex.iterrows():
         key = html.escape(str(m.keys[int(r["row"])])) if m.keys else str(int(r["row"]))
@@ -278,7 +282,7 @@ class FeatureExplorer:
                 best = at.sort_values("frequency", ascending=False).iloc[0]
                 choices.append((model, int(best["layer"]), int(best["feature"]),
                                 f"{model}, layer {int(best['layer'])}, feature {int(best['feature'])}: "
-                                f"a {language_label(lang)} language feature"))
+                                f"language feature of {language_label(lang)}"))
         if not choices:
             source = CLTFeatures(m.model, m.clt)
             counts = sum(collect_unit_stats(source, rows[:max_rows]).counts[layer] for rows in m.rows.values())
@@ -347,4 +351,4 @@ def features_over_verses(m: ExplorerModel, layer: int, features: Sequence[int],
                             f"<span dir=\"auto\">{html.escape(tok.decode(ids))}</span></li>")
     note = ("<p><em>The interactive view needs JavaScript; these are the verses it shows.</em></p>"
             f"<ul>{''.join(fallback)}</ul>")
-    return token_activation_view(samples, acts, labels, fallback_html=note)
+    return token_activation_view(samples, acts, labels, fallback_html=note, group_label=f"layer {layer}")

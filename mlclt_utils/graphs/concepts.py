@@ -1,0 +1,84 @@
+"""Chapter 06's statistics in one call: mined concepts, cloze prompts the model answers,
+and for each prompt two attribution graphs (the answer's logit, and the language vector of
+the answer), reduced to the tables the chapter and the stage keep."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..languages import NO_SPACE_LANGUAGES
+from ..prompts import cloze_prompts, mine_concepts
+from .attribution import graph_for_prompt, graph_scores, language_target, pruned_graph
+from .circuit_tracer import build_replacement_model
+
+
+def aligned_units(corpus, split: str = "train") -> dict[str, list[str]]:
+    """The documents of ``split`` present in every language, aligned by their ids (Bible
+    chapters ``book:chapter``)."""
+    langs = corpus.languages
+    ids = {lang: corpus.ids[lang][split] for lang in langs}
+    common = [i for i in ids[langs[0]] if all(i in set(ids[l]) for l in langs[1:])]
+    where = {lang: {i: k for k, i in enumerate(ids[lang])} for lang in langs}
+    return {lang: [corpus.texts[lang][split][where[lang][i]] for i in common] for lang in langs}
+
+
+def answer_token(tokenizer, word: str, lang: str) -> int:
+    """The first token of ``word`` as it follows other text: with its leading space in
+    languages written with spaces."""
+    text = word if lang in NO_SPACE_LANGUAGES else " " + word
+    return int(tokenizer.encode(text, add_special_tokens=False)[0])
+
+
+def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True) -> dict:
+    """``{"concepts", "prompts", "scores", "nodes", "edges"}`` DataFrames. ``cfg``: the
+    stage config (max_concepts, per_concept, min_units, min_chars, node_threshold,
+    edge_threshold, max_feature_nodes, batch_size)."""
+    import pandas as pd
+
+    from ..viz.progress import progress_bar
+
+    if not corpus.has_parallel:
+        raise ValueError("chapter 06 mines cloze prompts from the corpus's parallel verses; this corpus "
+                         "has none (use the Bible source or give a prompt file)")
+    langs = corpus.languages
+    concepts = mine_concepts(aligned_units(corpus), min_units=cfg["min_units"])
+    concepts = concepts.dropna(subset=langs).head(cfg["max_concepts"])
+    verses = {lang: corpus.parallel[lang] for lang in langs}
+    prompts = cloze_prompts(model, concepts, verses, corpus.parallel["keys"],
+                            per_concept=cfg["per_concept"], min_chars=cfg["min_chars"])
+    prompts.insert(0, "prompt_id", range(len(prompts)))
+    tok = model.tokenizer
+    answers = {c: {lang: answer_token(tok, concepts.loc[c, lang], lang) for lang in langs}
+               for c in concepts.index}
+    rm = build_replacement_model(model, clt)
+    scores, nodes, edges = [], [], []
+    bar = progress_bar(total=2 * len(prompts), desc="attribution graphs", disable=not progress)
+    try:
+        for _, p in prompts.iterrows():
+            ids = [tok.bos_token_id] + tok.encode(p["prompt"], add_special_tokens=False)
+            ids = ids[-model.cfg.n_ctx:]
+            targets = {"logit": int(p["target_token"]),
+                       "language": language_target(model, answers[p["concept"]], p["language"])}
+            for kind, target in targets.items():
+                graph = graph_for_prompt(rm, torch.tensor(ids), target,
+                                         max_feature_nodes=cfg["max_feature_nodes"],
+                                         batch_size=cfg["batch_size"])
+                n, e = pruned_graph(graph, cfg["node_threshold"], cfg["edge_threshold"])
+                key = {"prompt_id": int(p["prompt_id"]), "target": kind}
+                scores.append({**key, **graph_scores(graph), "tokens": len(ids),
+                               "active_features": int(graph.active_features.shape[0]),
+                               "kept_features": int((n["kind"] == "feature").sum())})
+                nodes.append(n.assign(**key))
+                edges.append(e.assign(**key))
+                bar.update(1)
+    finally:
+        bar.close()
+        rm.reset_hooks(including_permanent=True)
+    empty = {"nodes": ["node", "kind", "layer", "position", "feature", "activation", "influence"],
+             "edges": ["source", "target", "weight"]}
+    return {"concepts": concepts.reset_index(), "prompts": prompts,
+            "scores": pd.DataFrame(scores),
+            "nodes": pd.concat(nodes, ignore_index=True) if nodes else pd.DataFrame(columns=empty["nodes"]),
+            "edges": pd.concat(edges, ignore_index=True) if edges else pd.DataFrame(columns=empty["edges"])}
