@@ -124,3 +124,149 @@ def greedy_generate(model, clt, tokens: Sequence[int] | Tensor, steers: Sequence
         if nxt in stop_ids:
             break
     return out
+
+
+# ------------------------------------------------------------ switching the language -----
+
+def firing_means(stats, layer: int) -> Tensor:
+    """[F]: each unit's mean activation where it fires, from a ``UnitStats`` of one language
+    (0 for a unit that never fires there)."""
+    total = (stats.means[layer].double() * stats.lengths[:, None].double()).sum(0)
+    counts = stats.counts[layer].double()
+    return torch.where(counts > 0, total / counts.clamp(min=1), torch.zeros_like(total)).float()
+
+
+def switch_steers(source_feats, target_feats, target_means, strength: float, clamp_scale: float):
+    """Steers that clamp ``source_feats`` [(layer, feature)] to ``clamp_scale`` x their
+    activation and set ``target_feats`` to ``strength`` x their mean firing activation
+    (``target_means[(layer, feature)]``)."""
+    return ([Steer(l, f, scale=clamp_scale) for l, f in source_feats]
+            + [Steer(l, f, value=strength * float(target_means[(l, f)])) for l, f in target_feats])
+
+
+def language_switch(model, clt, prompts, features, means, classify, strengths: Sequence[float],
+                    clamp_scale: float = 0.0, max_new_tokens: int = 8, controls: int = 2,
+                    seed: int = 0, progress: bool = True):
+    """Steer every prompt of language A towards every other language B and classify the
+    language of the greedy continuation.
+
+    ``prompts``: DataFrame with columns prompt_id, language, ids (token ids, BOS first) and
+    optionally answer_<lang> (the first token of the prompt's concept in each language).
+    ``features``: {lang: [(layer, feature)]}, the language features steered. ``means``:
+    {lang: {(layer, feature): mean firing activation}} for every feature of those layers
+    that may be set (language features and control features alike). ``classify``: token
+    ids -> language code.
+
+    The control clamps and sets as many random features of the same layers (none of them a
+    language feature), ``controls`` draws per prompt. Returns one row per prompt, target
+    language, strength and kind ("steer", "control"), plus a "baseline" row per prompt,
+    with the continuation (ids), its language ("none" when it holds no letter), whether it
+    mostly repeats itself (degenerate), success (language == target; for the baseline,
+    language == the prompt's) and, where answers are given, whether the first generated
+    token is the concept's word in the target language.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from .languages import NO_SPACE_LANGUAGES
+    from .models.load import is_degenerate
+    from .viz.progress import progress_bar
+
+    langs = [l for l in features if features[l]]
+    taken = {lf for feats in features.values() for lf in feats}
+    rng = np.random.default_rng(seed)
+    F = clt.cfg.d_features
+
+    def random_like(feats):
+        out = []
+        for layer, _ in feats:
+            while True:
+                f = int(rng.integers(F))
+                if (layer, f) not in taken and (layer, f) not in out:
+                    out.append((layer, f))
+                    break
+        return out
+
+    rows = []
+    todo = prompts[prompts["language"].isin(langs)]
+    total = len(todo) * (1 + (len(langs) - 1) * len(strengths) * (1 + controls))
+    bar = progress_bar(total=total, desc="interventions", disable=not progress)
+    stop = [model.tokenizer.eos_token_id] if getattr(model.tokenizer, "eos_token_id", None) is not None else []
+
+    def record(p, target, strength, kind, out):
+        text = model.tokenizer.decode(out) if out else ""
+        # punctuation, digits or nothing: no language to read, never a success
+        lang = classify(out) if any(ch.isalpha() for ch in text) else "none"
+        answer = p.get(f"answer_{target}") if target else None
+        rows.append({"prompt_id": p["prompt_id"], "source": p["language"], "target": target,
+                     "strength": strength, "kind": kind, "continuation": out, "language": lang,
+                     "degenerate": is_degenerate(text, lang if lang in NO_SPACE_LANGUAGES else "en"),
+                     "success": lang == target if target else lang == p["language"],
+                     "first_is_answer": (bool(out) and out[0] == int(answer))
+                     if answer is not None and not pd.isna(answer) else None})
+        bar.update(1)
+
+    try:
+        for _, p in todo.iterrows():
+            ids = list(p["ids"])
+            record(p, None, 0.0, "baseline", greedy_generate(model, clt, ids, (), max_new_tokens, stop))
+            src = features[p["language"]]
+            for target in langs:
+                if target == p["language"]:
+                    continue
+                dst = features[target]
+                draws = [(random_like(src), random_like(dst)) for _ in range(controls)]
+                for s in strengths:
+                    steers = switch_steers(src, dst, means[target], s, clamp_scale)
+                    record(p, target, s, "steer", greedy_generate(model, clt, ids, steers, max_new_tokens, stop))
+                    for rs, rd in draws:
+                        # a random feature that never fires in the target gets the mean of the
+                        # target's language features, so the control adds as much activation
+                        fallback = float(np.mean([means[target][lf] for lf in dst]))
+                        m = {lf: means[target].get(lf, 0.0) or fallback for lf in rd}
+                        steers = switch_steers(rs, rd, m, s, clamp_scale)
+                        record(p, target, s, "control",
+                               greedy_generate(model, clt, ids, steers, max_new_tokens, stop))
+    finally:
+        bar.close()
+    return pd.DataFrame(rows)
+
+
+def switch_prompts(graphs: dict, corpus, tokenizer, languages: Sequence[str], per_language: int,
+                   n_ctx: int, verse_tokens: int = 12):
+    """Prompts for the switch experiment: chapter 06's cloze prompts of each language (those
+    the model answers first), then beginnings (``verse_tokens`` tokens) of test verses not
+    already used, up to ``per_language`` each. Columns: prompt_id, language, kind ("cloze",
+    "verse"), concept, ids (BOS first), and answer_<lang> for cloze prompts (the first token
+    of the concept's word in each language)."""
+    import pandas as pd
+
+    from .graphs.concepts import answer_token
+
+    bos = tokenizer.bos_token_id
+    concepts = graphs["concepts"].set_index("concept")
+    cloze = graphs["prompts"].sort_values(["answered", "p_target"], ascending=[False, False])
+    rows = []
+    for lang in languages:
+        mine = cloze[cloze["language"] == lang].head(per_language)
+        used = set(mine["verse"])
+        for p in mine.itertuples():
+            ids = [bos] + tokenizer.encode(p.prompt, add_special_tokens=False)
+            row = {"language": lang, "kind": "cloze", "concept": p.concept, "ids": ids[-n_ctx + 1:]}
+            for other in languages:
+                word = concepts.loc[p.concept].get(other)
+                if isinstance(word, str) and word:
+                    row[f"answer_{other}"] = answer_token(tokenizer, word, other)
+            rows.append(row)
+        if corpus.has_parallel:
+            for key, text in zip(corpus.parallel["keys"], corpus.parallel[lang]):
+                if len(rows) and sum(r["language"] == lang for r in rows) >= per_language:
+                    break
+                if key in used:
+                    continue
+                ids = tokenizer.encode(text, add_special_tokens=False)[:verse_tokens]
+                if len(ids) >= 4:
+                    rows.append({"language": lang, "kind": "verse", "concept": None, "ids": [bos] + ids})
+    out = pd.DataFrame(rows)
+    out.insert(0, "prompt_id", range(len(out)))
+    return out

@@ -110,6 +110,26 @@ _BASE: dict[str, Any] = {
         "probe_max_iter": 1000,        # lbfgs steps of the logistic regression
         "top_tokens": 5,               # top tokens shown per language feature
     },
+    # attribution graphs of the reference model on mined cloze prompts (chapter 06)
+    "graphs": {
+        "max_concepts": 8,             # concepts of the mined table used (most frequent seeds first)
+        "per_concept": 1,              # cloze prompts per concept and language
+        "min_units": 3,                # a word must occur in this many aligned training chapters
+        "min_chars": 12,               # context before the concept's word, in characters
+        "node_threshold": 0.8,         # circuit-tracer pruning: share of influence kept (nodes)
+        "edge_threshold": 0.98,        # ... and edges
+        "max_feature_nodes": None,     # cap on feature nodes per graph (None: all active ones)
+        "batch_size": 256,             # source nodes per backward pass
+    },
+    # switching the output language by steering language features (chapter 07)
+    "interventions": {
+        "prompts_per_language": 6,     # cloze prompts first, then beginnings of test verses
+        "max_features": 10,            # late-layer language features steered per language
+        "strengths": [1.0, 2.0, 4.0, 8.0],   # target features set to this x their mean firing value
+        "clamp_scale": -1.0,           # source features set to this x their activation
+        "max_new_tokens": 8,           # greedy continuation length, classified by language
+        "controls": 2,                 # random-feature draws per prompt and target
+    },
 }
 
 

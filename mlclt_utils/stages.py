@@ -42,7 +42,8 @@ from typing import Any, Callable, Mapping
 from . import distributed
 from .artifacts import (IN_PROGRESS_FILE, RESUME_FILE, ManifestMismatch, Stage, atomic_path,
                         config_hash, read_json, write_json)
-from .presets import load_preset, mixture_name, mixture_share, model_names, parse_override
+from .presets import (load_preset, mixture_name, mixture_share, model_names, parse_override,
+                      reference_model)
 
 
 class StaleStage(ManifestMismatch):
@@ -265,6 +266,8 @@ def chain(preset) -> list[tuple[str, str | None]]:
     out += [("clt", n) for n in names] + [("clt_eval", n) for n in names]
     out += [("unit_stats", n) for n in names]
     out += [("language_stats", n) for n in names]
+    ref = reference_model(preset)
+    out += [("graphs", ref), ("interventions", ref)]
     return out
 
 
@@ -666,6 +669,103 @@ register(StageKind("language_stats", "05", _language_stats_config,
                    lambda p, k: [("tokenizer", None), ("data", model_mixture(k)), ("models", k),
                                  ("clt", k), ("unit_stats", k)],
                    _build_language_stats, _load_language_stats, keys=model_names))
+
+
+# ------------------------------------------------------------- attribution graphs -----
+
+def _graphs_config(preset, key) -> dict:
+    return {"model_name": key, "languages": list(preset["corpus"]["languages"]), **preset["graphs"]}
+
+
+def _build_graphs(ctx: BuildContext):
+    """Chapter 06: the mined concept table, cloze prompts, and for each prompt the pruned
+    attribution graphs of the answer's logit and of its language vector."""
+    from .graphs.concepts import concept_graphs
+
+    out = concept_graphs(ctx.input("models", ctx.key), ctx.input("clt", ctx.key), ctx.input("corpus"),
+                         ctx.config, progress=ctx.progress)
+    for name, df in out.items():
+        with atomic_path(ctx.stage.file(f"{name}.csv")) as tmp:
+            df.to_csv(tmp, index=False)
+
+
+GRAPH_TABLES = ("concepts", "prompts", "scores", "nodes", "edges")
+
+
+def _load_tables(st: Stage, names) -> dict:
+    import pandas as pd
+
+    return {name: pd.read_csv(st.file(f"{name}.csv"), keep_default_na=False, na_values=[""])
+            for name in names}
+
+
+register(StageKind("graphs", "06", _graphs_config,
+                   lambda p, k: [("corpus", None), ("models", k), ("clt", k)],
+                   _build_graphs, lambda st: _load_tables(st, GRAPH_TABLES),
+                   keys=lambda p: [reference_model(p)]))
+
+
+# ------------------------------------------------------------------ interventions -----
+
+def _interventions_config(preset, key) -> dict:
+    return {"model_name": key, "languages": list(preset["corpus"]["languages"]),
+            "seed": preset["seed"], **preset["interventions"]}
+
+
+def _build_interventions(ctx: BuildContext):
+    """Chapter 07: steer each prompt's language features towards every other language and
+    classify the continuation; the span classifier's accuracy on the same span length."""
+    import pandas as pd
+
+    from .features.language import SpanClassifier, validate_span_classifier
+    from .features.tokens import late_layers
+    from .interventions import firing_means, language_switch, switch_prompts
+
+    cfg = ctx.config
+    model, clt = ctx.input("models", ctx.key), ctx.input("clt", ctx.key)
+    units, lstats = ctx.input("unit_stats", ctx.key), ctx.input("language_stats", ctx.key)
+    graphs, corpus = ctx.input("graphs", ctx.key), ctx.input("corpus")
+    tok = model.tokenizer
+    late = late_layers(clt.cfg.n_layers)
+    feats = lstats["language_features"]
+    feats = feats[feats["layer"].isin(late)].sort_values("frequency", ascending=False)
+    langs = [l for l in cfg["languages"] if l in units["clt"]]
+    features = {lang: [(int(r.layer), int(r.feature)) for r in
+                       feats[feats["top_language"] == lang].head(cfg["max_features"]).itertuples()]
+                for lang in langs}
+    means = {}
+    for lang in langs:
+        m = {l: firing_means(units["clt"][lang], l) for l in late}
+        means[lang] = {(l, f): float(v) for l in late for f, v in enumerate(m[l].tolist())}
+    prompts = switch_prompts(graphs, corpus, tok, langs, cfg["prompts_per_language"], model.cfg.n_ctx)
+    classify = SpanClassifier(lstats["token_languages"], tok, languages=langs)
+    results = language_switch(model, clt, prompts, features, means, classify, cfg["strengths"],
+                              cfg["clamp_scale"], cfg["max_new_tokens"], cfg["controls"], cfg["seed"],
+                              progress=ctx.progress)
+    results["continuation"] = [" ".join(map(str, c)) for c in results["continuation"]]
+    check = validate_span_classifier(classify, {l: corpus.parallel[l] for l in langs}, tok,
+                                     lengths=(cfg["max_new_tokens"],))
+    used = pd.DataFrame([{"language": l, "layer": a, "feature": b} for l, fs in features.items()
+                         for a, b in fs], columns=["language", "layer", "feature"])
+    prompts = prompts.assign(ids=[" ".join(map(str, i)) for i in prompts["ids"]])
+    for name, df in {"results": results, "classifier": check, "features": used, "prompts": prompts}.items():
+        with atomic_path(ctx.stage.file(f"{name}.csv")) as tmp:
+            df.to_csv(tmp, index=False)
+
+
+def _load_interventions(st: Stage) -> dict:
+    out = _load_tables(st, ("results", "classifier", "features", "prompts"))
+    out["results"]["continuation"] = [[int(t) for t in str(c).split()] if isinstance(c, str) else []
+                                      for c in out["results"]["continuation"]]
+    out["prompts"]["ids"] = [[int(t) for t in str(c).split()] for c in out["prompts"]["ids"]]
+    return out
+
+
+register(StageKind("interventions", "07", _interventions_config,
+                   lambda p, k: [("corpus", None), ("models", k), ("clt", k), ("unit_stats", k),
+                                 ("language_stats", k), ("graphs", k)],
+                   _build_interventions, _load_interventions,
+                   keys=lambda p: [reference_model(p)]))
 
 
 # ====================================================================== command line =====

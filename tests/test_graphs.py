@@ -93,5 +93,21 @@ def test_shared_features_by_layer_on_constructed_graphs():
     assert out.loc[0, "shared influence en"] == pytest.approx(0.75)
     assert out.loc[0, "shared influence fr"] == pytest.approx(1.0)
     assert out.loc[1, "shared influence fr"] == pytest.approx(0.5)
+    assert out.loc[0, "pair influence en"] == pytest.approx(0.75)
+    three = A.shared_features({"en": nodes([(0, 1, 0.5), (0, 2, 0.5)]), "fr": nodes([(0, 1, 1.0)]),
+                               "de": nodes([(0, 2, 1.0)])}).set_index("layer")
+    assert three.loc[0, "shared"] == 0 and three.loc[0, "pair influence en"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="two languages"):
         A.shared_features({"en": nodes([(0, 1, 1.0)])})
+
+
+def test_influence_share_and_shared_features_over_concepts():
+    nodes = pd.DataFrame([("feature", 0, 0, 1, 1.0, 0.2), ("feature", 1, 2, 4, 1.0, 0.6),
+                          ("error", 0, 1, -1, float("nan"), 0.5)],
+                         columns=["kind", "layer", "position", "feature", "activation", "influence"])
+    assert A.influence_share(nodes, [(1, 4)]) == pytest.approx(0.75)
+    assert A.influence_share(nodes, []) == 0.0
+    both = pd.concat([nodes.assign(prompt_id=0), nodes.assign(prompt_id=1)]).assign(graph="logit")
+    prompts = pd.DataFrame({"prompt_id": [0, 1], "concept": ["God", "God"], "language": ["en", "fr"]})
+    out = A.shared_by_concept(both, prompts)
+    assert set(out["language"]) == {"en", "fr"} and (out["shared influence"] == 1.0).all()

@@ -92,3 +92,45 @@ def test_bad_steers_are_refused_with_the_bad_value():
         steered_logits(model, clt, TOKENS, [Steer(9, 1, scale=0.0)])
     with pytest.raises(ValueError, match="feature 100000"):
         steered_logits(model, clt, TOKENS, [Steer(0, 100_000, scale=0.0)])
+
+
+def test_firing_means_on_constructed_statistics():
+    from mlclt_utils.features.activations import UnitStats
+    from mlclt_utils.interventions import firing_means
+
+    # two rows of 2 and 4 tokens; unit 0 fires twice in row 0 (sum 3.0), unit 1 never
+    stats = UnitStats(fired=[torch.tensor([[True, False], [False, False]])],
+                      counts=[torch.tensor([2, 0])],
+                      means=[torch.tensor([[1.5, 0.0], [0.0, 0.0]])], n_tokens=6,
+                      lengths=torch.tensor([2, 4]))
+    assert firing_means(stats, 0).tolist() == pytest.approx([1.5, 0.0])
+
+
+def test_language_switch_rows_match_direct_generation():
+    import pandas as pd
+
+    from mlclt_utils.interventions import language_switch, switch_steers
+
+    model, clt = tiny_model(), tiny_clt()
+    model.tokenizer = tiny_tokenizer()
+    prompts = pd.DataFrame({"prompt_id": [0, 1], "language": ["en", "fr"],
+                            "ids": [TOKENS[0, :5].tolist(), TOKENS[0, :4].tolist()],
+                            "answer_en": [7, 7], "answer_fr": [9, 9]})
+    features = {"en": [(1, 2), (1, 3)], "fr": [(1, 4)]}
+    means = {lang: {(1, f): 1.0 + f for f in range(clt.cfg.d_features)} for lang in ("en", "fr")}
+
+    def classify(ids):                       # a stand-in reader: even first token = "en"
+        return "en" if ids[0] % 2 == 0 else "fr"
+
+    out = language_switch(model, clt, prompts, features, means, classify, [1.0, 4.0],
+                          clamp_scale=-1.0, max_new_tokens=3, controls=2, progress=False)
+    assert len(out) == 2 * (1 + 1 * 2 * (1 + 2))
+    row = out[(out["kind"] == "steer") & (out["prompt_id"] == 0) & (out["strength"] == 4.0)].iloc[0]
+    expected = greedy_generate(model, clt, prompts["ids"][0],
+                               switch_steers(features["en"], features["fr"], means["fr"], 4.0, -1.0), 3)
+    assert row["continuation"] == expected and row["target"] == "fr"
+    assert row["success"] == (classify(expected) == "fr" if any(
+        c.isalpha() for c in model.tokenizer.decode(expected)) else False)
+    assert row["first_is_answer"] == (expected[0] == 9)
+    base = out[out["kind"] == "baseline"]
+    assert (base["target"].isna()).all() and len(base) == 2

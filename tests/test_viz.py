@@ -98,3 +98,17 @@ def test_loss_curves_leave_no_empty_panel():
         assert len(shown) == n + (n % 2 if n > 1 else 0)
         assert sum(a.get_legend() is not None for a in shown) + len(fig.legends) == 1
         plt.close(fig)
+
+
+def test_graph_figure_draws_only_positions_with_inner_nodes():
+    from mlclt_utils.viz.figures import graph_figure
+
+    nodes = pd.DataFrame([(0, "feature", 0, 3, 7, 1.0, 0.5), (1, "error", 1, 5, -1, float("nan"), 0.2),
+                          (2, "token", -1, 0, -1, float("nan"), 0.1), (3, "token", -1, 9, -1, float("nan"), 0.1),
+                          (4, "logit", 2, 9, -1, float("nan"), float("nan"))],
+                         columns=["node", "kind", "layer", "position", "feature", "activation", "influence"])
+    edges = pd.DataFrame({"source": [3, 0], "target": [0, 4], "weight": [0.5, -0.2]})
+    fig = graph_figure(nodes, edges, [f"t{i}" for i in range(10)], last_tokens=2)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["t3\n@3", "t5\n@5", "t8\n@8", "t9\n@9"]
+    plt.close(fig)

@@ -122,7 +122,9 @@ def language_target(model, answers: Mapping[str, int], language: str):
 def shared_features(nodes_by_language: Mapping[str, "object"]):
     """For one concept's graphs in several languages (``pruned_graph`` node tables): per layer the
     number of distinct features in each graph, the number present in every graph, and per
-    language the share of the graph's feature influence carried by those shared features.
+    language the share of the graph's feature influence carried by those shared features
+    ("shared influence <lang>") and by features present in at least one other language's
+    graph ("pair influence <lang>").
     Features are matched by (layer, feature id), at any position."""
     import pandas as pd
 
@@ -140,7 +142,44 @@ def shared_features(nodes_by_language: Mapping[str, "object"]):
         for lang, f in feats.items():
             here = f[f["layer"] == layer]
             total = here["influence"].sum()
-            row[f"shared influence {lang}"] = (here.loc[here["feature"].isin(common), "influence"].sum()
-                                               / total if total > 0 else float("nan"))
+            others = set().union(*(v for k, v in sets.items() if k != lang))
+            for col, keep in ((f"shared influence {lang}", common), (f"pair influence {lang}", others)):
+                row[col] = (here.loc[here["feature"].isin(keep), "influence"].sum() / total
+                            if total > 0 else float("nan"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def shared_by_concept(nodes, prompts, graph: str = "logit"):
+    """``shared_features`` for every concept whose graphs (of kind ``graph``: "logit" or
+    "language") exist in at least two languages (the first prompt of each language), in long form: concept, layer, language, shared
+    (features present in every language's graph), shared influence."""
+    import pandas as pd
+
+    nodes = nodes[nodes["graph"] == graph]
+    first = prompts.drop_duplicates(["concept", "language"])
+    out = []
+    for concept, ps in first.groupby("concept", sort=False):
+        by_lang = {p.language: nodes[nodes["prompt_id"] == p.prompt_id] for p in ps.itertuples()}
+        by_lang = {lang: df for lang, df in by_lang.items() if (df["kind"] == "feature").any()}
+        if len(by_lang) < 2:
+            continue
+        s = shared_features(by_lang)
+        for lang in by_lang:
+            out.append(pd.DataFrame({"concept": concept, "layer": s["layer"], "language": lang,
+                                     "shared": s["shared"],
+                                     "shared influence": s[f"shared influence {lang}"],
+                                     "pair influence": s[f"pair influence {lang}"]}))
+    cols = ["concept", "layer", "language", "shared", "shared influence", "pair influence"]
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
+
+
+def influence_share(nodes, features) -> float:
+    """Share of a graph's feature influence carried by ``features`` [(layer, feature)]."""
+    f = nodes[nodes["kind"] == "feature"]
+    total = f["influence"].sum()
+    if total <= 0:
+        return float("nan")
+    keys = set(map(tuple, features))
+    mine = [(int(l), int(x)) in keys for l, x in zip(f["layer"], f["feature"])]
+    return float(f.loc[mine, "influence"].sum() / total)

@@ -66,7 +66,7 @@ def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True) -> d
                                          max_feature_nodes=cfg["max_feature_nodes"],
                                          batch_size=cfg["batch_size"])
                 n, e = pruned_graph(graph, cfg["node_threshold"], cfg["edge_threshold"])
-                key = {"prompt_id": int(p["prompt_id"]), "target": kind}
+                key = {"prompt_id": int(p["prompt_id"]), "graph": kind}
                 scores.append({**key, **graph_scores(graph), "tokens": len(ids),
                                "active_features": int(graph.active_features.shape[0]),
                                "kept_features": int((n["kind"] == "feature").sum())})

@@ -229,3 +229,135 @@ def concept_map_figure(maps: Mapping[int, pd.DataFrame], order: Sequence[str], j
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), markerscale=2)
     return fig
+
+
+# ---- chapter 06 -------------------------------------------------------------------------
+
+def graph_figure(nodes: pd.DataFrame, edges: pd.DataFrame, tokens: Sequence[str],
+                 feature_labels: Mapping[tuple[int, int], str] | None = None, title: str = "",
+                 max_edges: int = 150, labelled: int = 5, last_tokens: int = 4):
+    """A pruned attribution graph drawn as a static image: token positions across, layers up
+    (embeddings at the bottom, the target on top); features as circles sized by their
+    influence, error nodes as grey squares, edges blue (positive) or red (negative) with
+    width by weight (the ``max_edges`` strongest). The ``labelled`` most influential
+    features are labelled with ``feature_labels[(layer, feature)]`` or their id. Only the
+    positions holding features or error nodes, and the last ``last_tokens`` tokens, are
+    drawn."""
+    import matplotlib.pyplot as plt
+
+    n_layers = int(nodes["layer"].max())
+    n_pos = len(tokens)
+    # only the positions where features or error nodes survive, and the last few tokens, get
+    # a column: the graph of a long prompt is otherwise a row of unconnected token markers
+    inner = set(nodes.loc[nodes["kind"].isin(["feature", "error"]), "position"].astype(int))
+    cols = sorted(inner | set(range(max(0, n_pos - last_tokens), n_pos)))
+    column = {p: i for i, p in enumerate(cols)}
+    nodes = nodes[nodes["position"].isin(cols)]
+    fig, axes = panels(1, height=max(3.0, 0.85 * (n_layers + 2)))
+    ax = axes[0]
+    xy = {}
+    for (layer, pos), g in nodes.groupby(["layer", "position"]):
+        g = g.sort_values("influence", ascending=False)
+        k = len(g)
+        step = min(0.2, 0.8 / max(k, 1))
+        for j, node in enumerate(g["node"]):
+            xy[int(node)] = (column[int(pos)] + (j - (k - 1) / 2) * step, layer)
+    e = edges.reindex(edges["weight"].abs().sort_values(ascending=False).index).head(max_edges)
+    wmax = float(e["weight"].abs().max()) if len(e) else 1.0
+    for _, r in e.iterrows():
+        a, b = xy.get(int(r["source"])), xy.get(int(r["target"]))
+        if a is None or b is None:
+            continue
+        ax.plot([a[0], b[0]], [a[1], b[1]], color="#1f77b4" if r["weight"] > 0 else "#d62728",
+                lw=0.3 + 2.2 * abs(r["weight"]) / wmax, alpha=0.35, zorder=1)
+    infl = nodes["influence"].fillna(0)
+    size = 15 + 400 * infl / max(float(infl.max()), 1e-12)
+    for kind, style in {"feature": dict(marker="o", color="#ff7f0e"), "error": dict(marker="s", color="#999999"),
+                        "token": dict(marker="D", color="#404040"), "logit": dict(marker="*", color="#2ca02c")}.items():
+        part = nodes[nodes["kind"] == kind]
+        if len(part):
+            pts = np.array([xy[int(n)] for n in part["node"]])
+            s = size[part.index] if kind in ("feature", "error") else 80
+            ax.scatter(pts[:, 0], pts[:, 1], s=s, zorder=2, edgecolors="k", linewidths=0.4,
+                       label={"feature": "feature", "error": "error node", "token": "token",
+                              "logit": "target"}[kind], **style)
+    feats = nodes[nodes["kind"] == "feature"].sort_values("influence", ascending=False).head(labelled)
+    for i, (_, r) in enumerate(feats.iterrows()):
+        x, y = xy[int(r["node"])]
+        key = (int(r["layer"]), int(r["feature"]))
+        text = (feature_labels or {}).get(key, f"L{key[0]}/{key[1]}")
+        ax.annotate(text, (x, y), xytext=(-40 if i % 2 else 6, 10 + 6 * (i // 2)), textcoords="offset points",
+                    fontsize=7, arrowprops=dict(arrowstyle="-", lw=0.4, color="grey"))
+    ax.set_yticks(range(-1, n_layers + 1), ["embed"] + [f"layer {l}" for l in range(n_layers)] + ["target"])
+    names = [tokens[p] if len(tokens[p]) <= 10 else tokens[p][:9] + "…" for p in cols]
+    ax.set_xticks(range(len(cols)), [f"{n}\n@{p}" for n, p in zip(names, cols)], fontsize=8)
+    ax.set_xlim(-0.6, len(cols) - 0.4)
+    ax.set_ylim(-1.5, n_layers + 0.6)
+    ax.grid(False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    if title:
+        ax.set_title(title, loc="left")
+    return fig
+
+
+def shared_influence_figure(shared: pd.DataFrame):
+    """Per layer, the share of a graph's feature influence carried by features found in the
+    graphs of every language of the same concept, and by features found in at least one
+    other language's graph (means over concepts and languages; bars: spread over them)."""
+    fig, axes = panels(1, height=2.8)
+    ax = axes[0]
+    for col, style in {"shared influence": dict(marker="o", label="in every language"),
+                       "pair influence": dict(marker="s", ls="--", label="in at least one other language")}.items():
+        g = shared.groupby("layer")[col]
+        ax.errorbar(g.mean().index, g.mean().values, yerr=g.std().fillna(0).values, capsize=3, **style)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of a graph's feature\ninfluence carried by features")
+    ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+# ---- chapter 07 -------------------------------------------------------------------------
+
+def switch_strength_figure(rates: pd.DataFrame):
+    """Switch success against steering strength (columns strength, kind, success), the
+    language-feature steering against the random-feature control."""
+    fig, axes = panels(1, height=2.8)
+    ax = axes[0]
+    for kind, style in {"steer": dict(color="#1f77b4", marker="o", label="language features"),
+                        "control": dict(color="grey", marker="s", ls="--", label="random features (control)")}.items():
+        part = rates[rates["kind"] == kind].sort_values("strength")
+        ax.plot(part["strength"], part["success"], **style)
+    ax.set_xscale("log", base=2)
+    strengths = sorted(rates["strength"].unique())
+    ax.set_xticks(strengths, [f"{s:g}" for s in strengths])
+    ax.minorticks_off()
+    ax.set_xlabel("strength (target features set to this × their mean firing value)")
+    ax.set_ylabel("continuations in the\ntarget language")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="upper left")
+    return fig
+
+
+def switch_matrix_figure(matrix: pd.DataFrame, title: str):
+    """Source x target matrix of switch success (rows: the prompt's language)."""
+    from .style import colour_bar
+
+    fig, axes = panels(1, height=3.2)
+    ax = axes[0]
+    m = matrix.to_numpy(dtype=float)
+    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(m.shape[1]), matrix.columns)
+    ax.set_yticks(range(m.shape[0]), matrix.index)
+    ax.set_xlabel("target language")
+    ax.set_ylabel("prompt language")
+    ax.grid(False)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                        color="w" if m[i, j] < 0.5 else "k")
+    colour_bar(fig, im, ax, "share switched")
+    ax.set_title(title, loc="left")
+    return fig
