@@ -683,7 +683,9 @@ def _build_graphs(ctx: BuildContext):
     from .graphs.concepts import concept_graphs
 
     out = concept_graphs(ctx.input("models", ctx.key), ctx.input("clt", ctx.key), ctx.input("corpus"),
-                         ctx.config, progress=ctx.progress)
+                         ctx.config, progress=ctx.progress, viewer_dir=ctx.stage.file("viewer"),
+                         tokenizer_dir=stage("tokenizer", ctx.run, None, ctx.root).path,
+                         scan=f"{ctx.run}-{ctx.key}")
     for name, df in out.items():
         with atomic_path(ctx.stage.file(f"{name}.csv")) as tmp:
             df.to_csv(tmp, index=False)
@@ -700,7 +702,7 @@ def _load_tables(st: Stage, names) -> dict:
 
 
 register(StageKind("graphs", "06", _graphs_config,
-                   lambda p, k: [("corpus", None), ("models", k), ("clt", k)],
+                   lambda p, k: [("corpus", None), ("tokenizer", None), ("models", k), ("clt", k)],
                    _build_graphs, lambda st: _load_tables(st, GRAPH_TABLES),
                    keys=lambda p: [reference_model(p)]))
 

@@ -19,7 +19,8 @@ def test_tiny_chain_and_book(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     html = REPO / "_build" / "html"
     for chapter in ("00_overview", "01_data_tokenizer", "02_train_models", "03_fit_clts",
-                    "04_shared_features", "05_language_features"):
+                    "04_shared_features", "05_language_features", "06_attribution_graphs",
+                    "07_language_interventions"):
         page = html / "book" / "chapters" / f"{chapter}.html"
         assert page.exists(), f"{page} was not built"
     # executed chapters carry their figures as images, so the book reads without a kernel

@@ -31,10 +31,28 @@ def answer_token(tokenizer, word: str, lang: str) -> int:
     return int(tokenizer.encode(text, add_special_tokens=False)[0])
 
 
-def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True) -> dict:
+def _viewer_files(graph, slug: str, viewer_dir, tokenizer_dir, scan: str, cfg: Mapping) -> None:
+    """circuit-tracer's viewer JSON for one graph. Its writer reads the tokenizer by name,
+    so the graph is pointed at the run's tokenizer folder (nothing is fetched)."""
+    import logging
+
+    from circuit_tracer.utils.create_graph_files import create_graph_files
+
+    if tokenizer_dir is None:
+        raise ValueError("writing viewer files needs tokenizer_dir, the run's tokenizer folder")
+    graph.cfg.tokenizer_name = str(tokenizer_dir)
+    logging.getLogger("circuit_tracer").setLevel(logging.WARNING)
+    create_graph_files(graph, slug=slug, output_path=str(viewer_dir), scan=scan,
+                       node_threshold=cfg["node_threshold"], edge_threshold=cfg["edge_threshold"])
+
+
+def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True, viewer_dir=None,
+                   tokenizer_dir=None, scan: str = "mlclt") -> dict:
     """``{"concepts", "prompts", "scores", "nodes", "edges"}`` DataFrames. ``cfg``: the
     stage config (max_concepts, per_concept, min_units, min_chars, node_threshold,
-    edge_threshold, max_feature_nodes, batch_size)."""
+    edge_threshold, max_feature_nodes, batch_size). With ``viewer_dir`` (and
+    ``tokenizer_dir``, a local tokenizer folder), every graph is also written there in the
+    JSON format of circuit-tracer's web viewer (``create_graph_files``)."""
     import pandas as pd
 
     from ..viz.progress import progress_bar
@@ -66,6 +84,9 @@ def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True) -> d
                                          max_feature_nodes=cfg["max_feature_nodes"],
                                          batch_size=cfg["batch_size"])
                 n, e = pruned_graph(graph, cfg["node_threshold"], cfg["edge_threshold"])
+                if viewer_dir is not None:
+                    _viewer_files(graph, f"prompt{int(p['prompt_id'])}-{kind}", viewer_dir, tokenizer_dir,
+                                  scan, cfg)
                 key = {"prompt_id": int(p["prompt_id"]), "graph": kind}
                 scores.append({**key, **graph_scores(graph), "tokens": len(ids),
                                "active_features": int(graph.active_features.shape[0]),
