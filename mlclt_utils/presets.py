@@ -125,7 +125,7 @@ _BASE: dict[str, Any] = {
     "interventions": {
         "prompts_per_language": 6,     # cloze prompts first, then beginnings of test verses
         "max_features": 10,            # late-layer language features steered per language
-        "strengths": [1.0, 2.0, 4.0, 8.0],   # target features set to this x their mean firing value
+        "strengths": [1.0, 2.0, 4.0, 8.0, 16.0],  # target features set to this x their mean firing value
         "clamp_scale": -1.0,           # source features set to this x their activation
         "max_new_tokens": 8,           # greedy continuation length, classified by language
         "controls": 2,                 # random-feature draws per prompt and target

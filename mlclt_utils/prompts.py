@@ -5,9 +5,10 @@ interventions (chapter 07).
   co-occurrence over aligned units of text (the corpus's training chapters, aligned by their
   ``book:chapter`` ids), seeded by a short list of words in one language. No hand
   translation is needed, so any language pair of the corpus works. The statistic is the
-  Dice coefficient 2·|A∩B| / (|A| + |B|) over the sets of units that contain each word.
-  Written by hand: word alignment toolkits (fast_align, eflomal) are not Python packages
-  and need far more text than a seed list does.
+  correlation, across the units, of the words' relative frequencies (counts from
+  scikit-learn's ``CountVectorizer``). Written by hand: word alignment toolkits (fast_align,
+  eflomal) are not Python packages and need sentence-aligned text, which the training
+  chapters are not.
 * ``cloze_prompts``: test verses cut just before a concept's word, preferring those where
   the model's greedy next token is the first token of that word in that language.
 * A JSON-lines prompt format (``read_prompts`` / ``write_prompts``) with validation that
@@ -40,34 +41,66 @@ SEEDS: dict[str, dict[str, str]] = {
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def words_of(text: str, lang: str, max_chars: int = 3) -> set[str]:
-    """Candidate words of a text: lower-cased word tokens, or for languages written without
-    spaces every run of 1..``max_chars`` word characters."""
+def _rates(texts: Sequence[str], lang: str, max_chars: int, min_units: int):
+    """Per unit, the relative frequency of every candidate word (occurrences / unit length),
+    as a sparse [units, words] matrix, for the words found in at least ``min_units`` units.
+    Candidates are lower-cased word tokens, or for languages written without spaces every
+    run of 1..``max_chars`` word characters."""
+    import numpy as np
+    from sklearn.feature_extraction.text import CountVectorizer
+
     if lang in NO_SPACE_LANGUAGES:
-        out = set()
-        for run in _WORD.findall(text):
-            for n in range(1, max_chars + 1):
-                out.update(run[i:i + n] for i in range(len(run) - n + 1))
-        return out
-    return {w.lower() for w in _WORD.findall(text)}
+        vec = CountVectorizer(analyzer="char", ngram_range=(1, max_chars), lowercase=False,
+                              min_df=min_units)
+    else:
+        vec = CountVectorizer(token_pattern=r"(?u)\b\w+\b", lowercase=True, min_df=min_units)
+    try:
+        counts = vec.fit_transform(texts).tocsc().astype(np.float64)
+    except ValueError:                          # no word occurs in min_units units
+        return None, np.array([], dtype=object)
+    words = vec.get_feature_names_out()
+    keep = np.array([bool(_WORD.fullmatch(w)) for w in words])
+    counts, words = counts[:, keep], words[keep]
+    lengths = np.array([max(1, len(t) if lang in NO_SPACE_LANGUAGES else len(_WORD.findall(t)))
+                        for t in texts], dtype=np.float64)
+    from scipy.sparse import diags
+
+    return diags(1.0 / lengths) @ counts, words
+
+
+def _correlations(x, M):
+    """Pearson correlation of the dense vector ``x`` [units] with every column of ``M``."""
+    import numpy as np
+
+    n = M.shape[0]
+    mean = np.asarray(M.mean(0)).ravel()
+    var = np.asarray(M.multiply(M).mean(0)).ravel() - mean ** 2
+    xc = x - x.mean()
+    cov = np.asarray(M.T @ xc).ravel() / n
+    den = np.sqrt(np.clip(var, 0, None)) * x.std()
+    return np.where(den > 0, cov / np.where(den > 0, den, 1), 0.0)
 
 
 def mine_concepts(units: Mapping[str, Sequence[str]], seeds: Mapping[str, str] | None = None,
-                  seed_language: str | None = None, min_units: int = 3, max_chars: int = 3,
+                  seed_language: str | None = None, min_units: int = 3, max_chars: int = 4,
                   longer_within: float = 0.95):
     """The word of each seed concept in every language of ``units``.
 
     ``units[lang]``: texts aligned across languages (same length, unit i of every language
     has the same meaning). ``seeds``: concept -> word in ``seed_language`` (default: the
     first language of ``SEEDS`` present in ``units``). For each concept and language the
-    word whose set of units is most like the seed word's (Dice) is chosen; for languages
-    without spaces, among candidates within ``longer_within`` of the best Dice the longest
-    is taken (a word and its first character co-occur equally). Concepts whose seed word is
-    in fewer than ``min_units`` units are dropped.
+    chosen word is the one whose relative frequency across the units correlates best
+    (Pearson) with the seed word's; relative frequencies rather than presence, so that a
+    function word found in every unit does not match a frequent name. For languages without
+    spaces, among candidates within ``longer_within`` of the best correlation the longest is
+    taken (a word and its first character occur together). Concepts whose seed word is in
+    fewer than ``min_units`` units are dropped.
 
-    Returns a DataFrame indexed by concept with one column per language (the words) and one
-    ``dice_<lang>`` column per language.
+    Returns a DataFrame indexed by concept with one column per language (the word, as most
+    often spelled in the text) and one ``score_<lang>`` column per language (the
+    correlation; 1 for the seed language).
     """
+    import numpy as np
     import pandas as pd
 
     langs = check_languages(list(units))
@@ -82,35 +115,34 @@ def mine_concepts(units: Mapping[str, Sequence[str]], seeds: Mapping[str, str] |
         seeds = SEEDS[seed_language]
     if seed_language not in units:
         raise ValueError(f"seed_language {seed_language!r} is not among the languages {langs}")
-    index = {}
-    for lang in langs:
-        where: dict[str, set[int]] = {}
-        for i, text in enumerate(units[lang]):
-            for w in words_of(text, lang, max_chars):
-                where.setdefault(w, set()).add(i)
-        index[lang] = where
+    rates = {lang: _rates(units[lang], lang, max_chars, min_units) for lang in langs}
+    seed_M, seed_words = rates[seed_language]
+    where = {w: i for i, w in enumerate(seed_words)}
     rows = {}
     for concept, word in seeds.items():
-        a = index[seed_language].get(word.lower() if seed_language not in NO_SPACE_LANGUAGES else word)
-        if not a or len(a) < min_units:
+        key = word if seed_language in NO_SPACE_LANGUAGES else word.lower()
+        if key not in where:
             continue
+        x = seed_M[:, where[key]].toarray().ravel()
         row = {}
         for lang in langs:
             if lang == seed_language:
-                row[lang], row[f"dice_{lang}"] = word, 1.0
+                row[lang], row[f"score_{lang}"] = word, 1.0
                 continue
-            scored = [(2 * len(a & b) / (len(a) + len(b)), w) for w, b in index[lang].items()
-                      if len(b) >= min_units]
-            if not scored:
-                row[lang], row[f"dice_{lang}"] = None, 0.0
+            M, words = rates[lang]
+            if M is None or not len(words):
+                row[lang], row[f"score_{lang}"] = None, 0.0
                 continue
-            best = max(d for d, _ in scored)
-            pool = [(d, w) for d, w in scored if d >= longer_within * best] \
-                if lang in NO_SPACE_LANGUAGES else [(d, w) for d, w in scored if d == best]
-            d, w = max(pool, key=lambda t: (len(t[1]), t[0], t[1]))
-            row[lang], row[f"dice_{lang}"] = _surface(units[lang], w, lang), d
+            r = _correlations(x, M)
+            best = float(r.max())
+            if lang in NO_SPACE_LANGUAGES:
+                pool = np.flatnonzero(r >= longer_within * best)
+                j = max(pool, key=lambda i: (len(words[i]), r[i]))
+            else:
+                j = int(r.argmax())
+            row[lang], row[f"score_{lang}"] = _surface(units[lang], str(words[j]), lang), float(r[j])
         rows[concept] = row
-    cols = langs + [f"dice_{lang}" for lang in langs]
+    cols = langs + [f"score_{lang}" for lang in langs]
     table = pd.DataFrame.from_dict(rows, orient="index", columns=cols)
     table.index.name = "concept"
     return table

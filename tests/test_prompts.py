@@ -39,7 +39,7 @@ def test_mining_recovers_a_planted_translation_table():
     for concept, words in PLANTED.items():
         for lang, word in words.items():
             assert table.loc[concept, lang] == word          # the spelling found in the text
-        assert table.loc[concept, "dice_fr"] == pytest.approx(1.0)
+        assert table.loc[concept, "score_fr"] > 0.9
 
 
 def test_mining_refuses_unaligned_units_and_missing_seeds():
