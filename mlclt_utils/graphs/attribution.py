@@ -45,8 +45,22 @@ def graph_for_prompt(replacement, tokens: Tensor | Sequence[int], target=None,
         if not 0 <= int(target) < vocab:
             raise ValueError(f"target token {int(target)} is outside the vocabulary (0..{vocab - 1})")
         targets = torch.tensor([int(target)])
-    return attribute(tokens, replacement, attribution_targets=targets,
-                     max_feature_nodes=max_feature_nodes, batch_size=batch_size)
+    import logging
+    import warnings
+
+    # circuit-tracer's backward hooks warn on every graph (PyTorch's full-backward-hook
+    # notice, printed with the library's file path) and its Graph warns that it has no
+    # "scan" name for uploading; neither applies here, and both would flood the book
+    quiet = logging.getLogger("circuit_tracer")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook")
+            return attribute(tokens, replacement, attribution_targets=targets,
+                             max_feature_nodes=max_feature_nodes, batch_size=batch_size)
+    finally:
+        quiet.setLevel(level)
 
 
 def graph_scores(graph) -> dict:
