@@ -280,3 +280,47 @@ def write_prompts(path, records: Iterable[Mapping[str, Any]]) -> Path:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def prompts_from_hf(name: str, columns: Mapping[str, str], language: str | None = None,
+                    split: str = "train", config: str | None = None, data_files=None) -> list[dict]:
+    """Prompt records from a Hugging Face dataset, such as the multilingual prompt sets of
+    the multilingual-CLT study (``CausalNLP/multilingual_antonym_completion``,
+    ``..._category_completion``, ``multilingual_ioi``), for users who load the paper's models.
+
+    ``name``: a hub name, a folder written by ``save_to_disk``, or a builder such as
+    ``"json"`` with ``data_files``. ``columns`` maps the prompt fields (``prompt``, and
+    optionally ``language``, ``target``, ``concept``, ``id``) to the dataset's column
+    names; the datasets' own column names are not fixed here, so they are always given.
+    ``language``: the language of every row, for a dataset (or config) in one language and
+    no language column. Every row is checked like a prompt file line; a bad row is named.
+    """
+    if "prompt" not in columns:
+        raise ValueError(f"columns must map 'prompt' to a column, got {dict(columns)}")
+    unknown = sorted(set(columns) - set(PROMPT_FIELDS) - set(OPTIONAL_FIELDS))
+    if unknown:
+        raise ValueError(f"columns has unknown fields {unknown}; allowed: "
+                         f"{sorted(set(PROMPT_FIELDS) | set(OPTIONAL_FIELDS))}")
+    if ("language" in columns) == (language is not None):
+        raise ValueError("give the language either as a column (columns['language']) or as "
+                         "language= for every row, not both and not neither")
+    import datasets
+
+    if Path(name).is_dir() and data_files is None:
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"dataset folder {name!r} has no split {split!r}; splits: {list(ds)}")
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(name, config, split=split, data_files=data_files)
+    missing = sorted(c for c in columns.values() if c not in ds.column_names)
+    if missing:
+        raise ValueError(f"dataset {name} has no column {missing}; its columns: {ds.column_names}")
+    out = []
+    for i, row in enumerate(ds):
+        record = {field: row[col] for field, col in columns.items()}
+        if language is not None:
+            record["language"] = language
+        out.append(check_prompt(record, f"dataset {name} row {i}"))
+    return out

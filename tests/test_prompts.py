@@ -101,3 +101,21 @@ def test_prompt_files_round_trip_and_name_the_bad_line(tmp_path):
         P.read_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match="does not exist"):
         P.read_prompts(tmp_path / "none.jsonl")
+
+
+def test_prompts_from_a_local_hf_dataset_with_a_column_mapping(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"text": ["The opposite of hot is", "Le contraire de chaud est"], "lang": ["en", "fr"],
+            "answer": [" cold", " froid"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    got = P.prompts_from_hf(str(tmp_path / "ds"), {"prompt": "text", "language": "lang", "target": "answer"})
+    assert got == [{"prompt": "The opposite of hot is", "language": "en", "target": " cold"},
+                   {"prompt": "Le contraire de chaud est", "language": "fr", "target": " froid"}]
+    with pytest.raises(ValueError, match=r"no column \['question'\]"):
+        P.prompts_from_hf(str(tmp_path / "ds"), {"prompt": "question", "language": "lang"})
+    with pytest.raises(ValueError, match="not both"):
+        P.prompts_from_hf(str(tmp_path / "ds"), {"prompt": "text", "language": "lang"}, language="en")
+    bad = dict(rows, lang=["en", "xx"])
+    datasets.Dataset.from_dict(bad).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"row 1: field 'language'"):
+        P.prompts_from_hf(str(tmp_path / "bad"), {"prompt": "text", "language": "lang"})
