@@ -735,6 +735,12 @@ def _build_interventions(ctx: BuildContext):
     features = {lang: [(int(r.layer), int(r.feature)) for r in
                        feats[feats["top_language"] == lang].head(cfg["max_features"]).itertuples()]
                 for lang in langs}
+    steerable = [lang for lang in langs if features[lang]]
+    if len(steerable) < 2:
+        raise ValueError(f"chapter 07 needs late-layer language features in at least two languages; "
+                         f"this CLT has them for {steerable or 'none'} (late layers {late}). Lower "
+                         f"features.min_frequency ({ctx.preset['features']['min_frequency']}) or "
+                         f"features.min_concentration ({ctx.preset['features']['min_concentration']})")
     means = {}
     for lang in langs:
         m = {l: firing_means(units["clt"][lang], l) for l in late}
