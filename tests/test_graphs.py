@@ -111,3 +111,14 @@ def test_influence_share_and_shared_features_over_concepts():
     prompts = pd.DataFrame({"prompt_id": [0, 1], "concept": ["God", "God"], "language": ["en", "fr"]})
     out = A.shared_by_concept(both, prompts)
     assert set(out["language"]) == {"en", "fr"} and (out["shared influence"] == 1.0).all()
+
+
+def test_attribution_benchmark_sets_the_asked_sparsity_and_times_a_graph():
+    from mlclt_utils.bench.attribution import _one
+
+    row = _one("tiny", batch_size=64, tokens=12, l0=5.0, repeats=2)
+    # thresholds at the (1 - l0/F) quantile of the prompt's pre-activations: about l0 per
+    # token and layer fire, positions after BOS only
+    per_token = row["active_features"] / (row["n_layers"] * (row["tokens"] - 1))
+    assert 2.0 <= per_token <= 8.0
+    assert row["seconds_per_graph"] > 0 and row["seconds_single"] > 0 and row["peak_rss_mb"] > 0
