@@ -19,7 +19,7 @@ applies to every position, generated ones included.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -168,7 +168,6 @@ def language_switch(model, clt, prompts, features, means, classify, strengths: S
     import numpy as np
     import pandas as pd
 
-    from .languages import NO_SPACE_LANGUAGES
     from .models.load import is_degenerate
     from .viz.progress import progress_bar
 
@@ -200,7 +199,7 @@ def language_switch(model, clt, prompts, features, means, classify, strengths: S
         answer = p.get(f"answer_{target}") if target else None
         rows.append({"prompt_id": p["prompt_id"], "source": p["language"], "target": target,
                      "strength": strength, "kind": kind, "continuation": out, "language": lang,
-                     "degenerate": is_degenerate(text, lang if lang in NO_SPACE_LANGUAGES else "en"),
+                     "degenerate": is_degenerate(text, lang),
                      "success": lang == target if target else lang == p["language"],
                      "first_is_answer": (bool(out) and out[0] == int(answer))
                      if answer is not None and not pd.isna(answer) else None})
@@ -216,13 +215,13 @@ def language_switch(model, clt, prompts, features, means, classify, strengths: S
                     continue
                 dst = features[target]
                 draws = [(random_like(src), random_like(dst)) for _ in range(controls)]
+                # a random feature that never fires in the target gets the mean of the target's
+                # language features, so the control adds as much activation
+                fallback = float(np.mean([means[target][lf] for lf in dst]))
                 for s in strengths:
                     steers = switch_steers(src, dst, means[target], s, clamp_scale)
                     record(p, target, s, "steer", greedy_generate(model, clt, ids, steers, max_new_tokens, stop))
                     for rs, rd in draws:
-                        # a random feature that never fires in the target gets the mean of the
-                        # target's language features, so the control adds as much activation
-                        fallback = float(np.mean([means[target][lf] for lf in dst]))
                         m = {lf: means[target].get(lf, 0.0) or fallback for lf in rd}
                         steers = switch_steers(rs, rd, m, s, clamp_scale)
                         record(p, target, s, "control",
@@ -242,8 +241,8 @@ def switch_prompts(graphs: dict, corpus, tokenizer, languages: Sequence[str], pe
     import pandas as pd
 
     from .graphs.concepts import answer_token
+    from .prompts import context_ids
 
-    bos = tokenizer.bos_token_id
     concepts = graphs["concepts"].set_index("concept")
     cloze = graphs["prompts"].sort_values(["answered", "p_target"], ascending=[False, False])
     rows = []
@@ -251,22 +250,66 @@ def switch_prompts(graphs: dict, corpus, tokenizer, languages: Sequence[str], pe
         mine = cloze[cloze["language"] == lang].head(per_language)
         used = set(mine["verse"])
         for p in mine.itertuples():
-            ids = [bos] + tokenizer.encode(p.prompt, add_special_tokens=False)
-            row = {"language": lang, "kind": "cloze", "concept": p.concept, "ids": ids[-n_ctx + 1:]}
+            ids = context_ids(tokenizer, tokenizer.encode(p.prompt, add_special_tokens=False), n_ctx)
+            row = {"language": lang, "kind": "cloze", "concept": p.concept, "ids": ids}
             for other in languages:
                 word = concepts.loc[p.concept].get(other)
                 if isinstance(word, str) and word:
                     row[f"answer_{other}"] = answer_token(tokenizer, word, other)
             rows.append(row)
+        missing = per_language - len(mine)
         if corpus.has_parallel:
             for key, text in zip(corpus.parallel["keys"], corpus.parallel[lang]):
-                if len(rows) and sum(r["language"] == lang for r in rows) >= per_language:
+                if missing <= 0:
                     break
-                if key in used:
-                    continue
                 ids = tokenizer.encode(text, add_special_tokens=False)[:verse_tokens]
-                if len(ids) >= 4:
-                    rows.append({"language": lang, "kind": "verse", "concept": None, "ids": [bos] + ids})
+                if key not in used and len(ids) >= 4:
+                    rows.append({"language": lang, "kind": "verse", "concept": None,
+                                 "ids": context_ids(tokenizer, ids, n_ctx)})
+                    missing -= 1
     out = pd.DataFrame(rows)
     out.insert(0, "prompt_id", range(len(out)))
     return out
+
+
+def switch_experiment(model, clt, units: dict, lstats: dict, graphs: dict, corpus, cfg: Mapping,
+                      thresholds: Mapping, progress: bool = True) -> dict:
+    """Chapter 07's tables in one call, so that the ``interventions`` stage only stores them:
+    ``{"results", "classifier", "features", "prompts"}``. ``units`` / ``lstats`` / ``graphs``:
+    the ``unit_stats``, ``language_stats`` and ``graphs`` stages' contents; ``cfg``: the stage
+    config (languages, max_features, prompts_per_language, strengths, clamp_scale,
+    max_new_tokens, controls, seed); ``thresholds``: the preset's ``features`` section, named
+    in the error when too few languages have late-layer language features."""
+    import pandas as pd
+
+    from .features.language import SpanClassifier, validate_span_classifier
+    from .features.tokens import late_layers
+
+    tok = model.tokenizer
+    late = late_layers(clt.cfg.n_layers)
+    feats = lstats["language_features"]
+    feats = feats[feats["layer"].isin(late)].sort_values("frequency", ascending=False)
+    langs = [l for l in cfg["languages"] if l in units["clt"]]
+    features = {lang: [(int(r.layer), int(r.feature)) for r in
+                       feats[feats["top_language"] == lang].head(cfg["max_features"]).itertuples()]
+                for lang in langs}
+    steerable = [lang for lang in langs if features[lang]]
+    if len(steerable) < 2:
+        raise ValueError(f"chapter 07 needs late-layer language features in at least two languages; "
+                         f"this CLT has them for {steerable or 'none'} (late layers {late}). Lower "
+                         f"features.min_frequency ({thresholds['min_frequency']}) or "
+                         f"features.min_concentration ({thresholds['min_concentration']})")
+    means = {}
+    for lang in langs:
+        m = {l: firing_means(units["clt"][lang], l) for l in late}
+        means[lang] = {(l, f): float(v) for l in late for f, v in enumerate(m[l].tolist())}
+    prompts = switch_prompts(graphs, corpus, tok, langs, cfg["prompts_per_language"], model.cfg.n_ctx)
+    classify = SpanClassifier(lstats["token_languages"], tok, languages=langs)
+    results = language_switch(model, clt, prompts, features, means, classify, cfg["strengths"],
+                              cfg["clamp_scale"], cfg["max_new_tokens"], cfg["controls"], cfg["seed"],
+                              progress=progress)
+    check = validate_span_classifier(classify, {l: corpus.parallel[l] for l in langs}, tok,
+                                     lengths=(cfg["max_new_tokens"],))
+    used = pd.DataFrame([{"language": l, "layer": a, "feature": b} for l, fs in features.items()
+                         for a, b in fs], columns=["language", "layer", "feature"])
+    return {"results": results, "classifier": check, "features": used, "prompts": prompts}

@@ -186,6 +186,14 @@ def cloze_candidates(concepts, verses: Mapping[str, Sequence[str]], keys: Sequen
     return out
 
 
+def context_ids(tokenizer, ids: Sequence[int], max_len: int) -> list[int]:
+    """BOS followed by ``ids``, cut from the front so that the whole fits ``max_len`` tokens
+    (the end of a prompt is what the model answers)."""
+    if max_len < 2:
+        raise ValueError(f"max_len is {max_len}; a context needs room for BOS and one token")
+    return [tokenizer.bos_token_id] + list(ids)[-(max_len - 1):]
+
+
 def cloze_prompts(model, concepts, verses: Mapping[str, Sequence[str]], keys: Sequence[str],
                   per_concept: int = 3, min_chars: int = 12, max_candidates: int = 20,
                   max_tokens: int | None = None):
@@ -199,7 +207,6 @@ def cloze_prompts(model, concepts, verses: Mapping[str, Sequence[str]], keys: Se
     import torch
 
     tok = model.tokenizer
-    bos = tok.bos_token_id
     max_tokens = max_tokens or model.cfg.n_ctx - 1
     scored: dict[tuple, list[dict]] = {}
     for c in cloze_candidates(concepts, verses, keys, min_chars):
@@ -211,7 +218,7 @@ def cloze_prompts(model, concepts, verses: Mapping[str, Sequence[str]], keys: Se
         if whole[:len(ids)] != ids or len(whole) == len(ids):
             continue                        # the word merges with the prompt's last token
         first = whole[len(ids)]
-        context = [bos] + ids[-(max_tokens - 1):]
+        context = context_ids(tok, ids, max_tokens)
         with torch.no_grad():
             logits = model(torch.tensor([context], device=model.cfg.device))[0, -1].float()
         group.append({**c, "target_token": first, "p_target": float(torch.softmax(logits, -1)[first]),
@@ -304,23 +311,16 @@ def prompts_from_hf(name: str, columns: Mapping[str, str], language: str | None 
     if ("language" in columns) == (language is not None):
         raise ValueError("give the language either as a column (columns['language']) or as "
                          "language= for every row, not both and not neither")
-    import datasets
+    from .features.parallel import open_hf_dataset
 
-    if Path(name).is_dir() and data_files is None:
-        ds = datasets.load_from_disk(name)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"dataset folder {name!r} has no split {split!r}; splits: {list(ds)}")
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(name, config, split=split, data_files=data_files)
+    ds, where = open_hf_dataset(name, split, config, data_files)
     missing = sorted(c for c in columns.values() if c not in ds.column_names)
     if missing:
-        raise ValueError(f"dataset {name} has no column {missing}; its columns: {ds.column_names}")
+        raise ValueError(f"{where} has no column {missing}; its columns: {ds.column_names}")
     out = []
     for i, row in enumerate(ds):
         record = {field: row[col] for field, col in columns.items()}
         if language is not None:
             record["language"] = language
-        out.append(check_prompt(record, f"dataset {name} row {i}"))
+        out.append(check_prompt(record, f"{where} row {i}"))
     return out

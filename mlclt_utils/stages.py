@@ -622,6 +622,21 @@ register(StageKind("unit_stats", "04", _unit_stats_config,
                    _build_unit_stats, _load_unit_stats, keys=model_names))
 
 
+def _write_tables(st: Stage, tables: Mapping[str, Any]) -> None:
+    """Each DataFrame of ``tables`` as ``<name>.csv`` in the stage folder, written atomically."""
+    for name, df in tables.items():
+        with atomic_path(st.file(f"{name}.csv")) as tmp:
+            df.to_csv(tmp, index=False)
+
+
+def _load_tables(st: Stage, names) -> dict:
+    """The stage's ``<name>.csv`` tables (empty cells read as missing, "None"/"NA" text kept)."""
+    import pandas as pd
+
+    return {name: pd.read_csv(st.file(f"{name}.csv"), keep_default_na=False, na_values=[""])
+            for name in names}
+
+
 # ------------------------------------------------------------- language statistics -----
 
 def _language_stats_config(preset, key) -> dict:
@@ -645,9 +660,7 @@ def _build_language_stats(ctx: BuildContext):
                                 ctx.input("data", model_mixture(ctx.key)),
                                 ctx.input("unit_stats", ctx.key), ctx.input("tokenizer"),
                                 ctx.config)
-    for name, df in stats["tables"].items():
-        with atomic_path(ctx.stage.file(f"{name}.csv")) as tmp:
-            df.to_csv(tmp, index=False)
+    _write_tables(ctx.stage, stats["tables"])
     _write_text_json(ctx.stage.file("token_languages.json"), stats["token_languages"].to_dict())
     write_json(ctx.stage.file("info.json"), stats["info"])
 
@@ -655,12 +668,9 @@ def _build_language_stats(ctx: BuildContext):
 def _load_language_stats(st: Stage) -> dict:
     """``{"probe", "language_features", "feature_counts", "tokens": DataFrames,
     "token_languages": TokenLanguages, "languages", "late_layers", "lift_languages", ...}``."""
-    import pandas as pd
-
     from .features.language import TokenLanguages
 
-    out = {name: pd.read_csv(st.file(f"{name}.csv"), keep_default_na=False, na_values=[""])
-           for name in ("probe", "language_features", "feature_counts", "tokens")}
+    out = _load_tables(st, ("probe", "language_features", "feature_counts", "tokens"))
     out["token_languages"] = TokenLanguages.from_dict(read_json(st.file("token_languages.json")))
     return {**out, **read_json(st.file("info.json"))}
 
@@ -686,19 +696,10 @@ def _build_graphs(ctx: BuildContext):
                          ctx.config, progress=ctx.progress, viewer_dir=ctx.stage.file("viewer"),
                          tokenizer_dir=stage("tokenizer", ctx.run, None, ctx.root).path,
                          scan=f"{ctx.run}-{ctx.key}")
-    for name, df in out.items():
-        with atomic_path(ctx.stage.file(f"{name}.csv")) as tmp:
-            df.to_csv(tmp, index=False)
+    _write_tables(ctx.stage, out)
 
 
 GRAPH_TABLES = ("concepts", "prompts", "scores", "nodes", "edges")
-
-
-def _load_tables(st: Stage, names) -> dict:
-    import pandas as pd
-
-    return {name: pd.read_csv(st.file(f"{name}.csv"), keep_default_na=False, na_values=[""])
-            for name in names}
 
 
 register(StageKind("graphs", "06", _graphs_config,
@@ -717,48 +718,15 @@ def _interventions_config(preset, key) -> dict:
 def _build_interventions(ctx: BuildContext):
     """Chapter 07: steer each prompt's language features towards every other language and
     classify the continuation; the span classifier's accuracy on the same span length."""
-    import pandas as pd
+    from .interventions import switch_experiment
 
-    from .features.language import SpanClassifier, validate_span_classifier
-    from .features.tokens import late_layers
-    from .interventions import firing_means, language_switch, switch_prompts
-
-    cfg = ctx.config
-    model, clt = ctx.input("models", ctx.key), ctx.input("clt", ctx.key)
-    units, lstats = ctx.input("unit_stats", ctx.key), ctx.input("language_stats", ctx.key)
-    graphs, corpus = ctx.input("graphs", ctx.key), ctx.input("corpus")
-    tok = model.tokenizer
-    late = late_layers(clt.cfg.n_layers)
-    feats = lstats["language_features"]
-    feats = feats[feats["layer"].isin(late)].sort_values("frequency", ascending=False)
-    langs = [l for l in cfg["languages"] if l in units["clt"]]
-    features = {lang: [(int(r.layer), int(r.feature)) for r in
-                       feats[feats["top_language"] == lang].head(cfg["max_features"]).itertuples()]
-                for lang in langs}
-    steerable = [lang for lang in langs if features[lang]]
-    if len(steerable) < 2:
-        raise ValueError(f"chapter 07 needs late-layer language features in at least two languages; "
-                         f"this CLT has them for {steerable or 'none'} (late layers {late}). Lower "
-                         f"features.min_frequency ({ctx.preset['features']['min_frequency']}) or "
-                         f"features.min_concentration ({ctx.preset['features']['min_concentration']})")
-    means = {}
-    for lang in langs:
-        m = {l: firing_means(units["clt"][lang], l) for l in late}
-        means[lang] = {(l, f): float(v) for l in late for f, v in enumerate(m[l].tolist())}
-    prompts = switch_prompts(graphs, corpus, tok, langs, cfg["prompts_per_language"], model.cfg.n_ctx)
-    classify = SpanClassifier(lstats["token_languages"], tok, languages=langs)
-    results = language_switch(model, clt, prompts, features, means, classify, cfg["strengths"],
-                              cfg["clamp_scale"], cfg["max_new_tokens"], cfg["controls"], cfg["seed"],
-                              progress=ctx.progress)
-    results["continuation"] = [" ".join(map(str, c)) for c in results["continuation"]]
-    check = validate_span_classifier(classify, {l: corpus.parallel[l] for l in langs}, tok,
-                                     lengths=(cfg["max_new_tokens"],))
-    used = pd.DataFrame([{"language": l, "layer": a, "feature": b} for l, fs in features.items()
-                         for a, b in fs], columns=["language", "layer", "feature"])
-    prompts = prompts.assign(ids=[" ".join(map(str, i)) for i in prompts["ids"]])
-    for name, df in {"results": results, "classifier": check, "features": used, "prompts": prompts}.items():
-        with atomic_path(ctx.stage.file(f"{name}.csv")) as tmp:
-            df.to_csv(tmp, index=False)
+    tables = switch_experiment(ctx.input("models", ctx.key), ctx.input("clt", ctx.key),
+                               ctx.input("unit_stats", ctx.key), ctx.input("language_stats", ctx.key),
+                               ctx.input("graphs", ctx.key), ctx.input("corpus"), ctx.config,
+                               ctx.preset["features"], progress=ctx.progress)
+    tables["results"]["continuation"] = [" ".join(map(str, c)) for c in tables["results"]["continuation"]]
+    tables["prompts"]["ids"] = [" ".join(map(str, i)) for i in tables["prompts"]["ids"]]
+    _write_tables(ctx.stage, tables)
 
 
 def _load_interventions(st: Stage) -> dict:

@@ -53,7 +53,8 @@ def final_ln_linear(direction: Tensor, model) -> Tensor:
     return direction
 
 
-def _labels(token_languages) -> list[str]:
+def token_labels(token_languages) -> list[str]:
+    """One language label per vocabulary id, from a ``TokenLanguages`` or a list of labels."""
     labels = token_languages.labels() if hasattr(token_languages, "labels") else token_languages
     labels = list(labels)
     bad = [x for x in labels if not isinstance(x, str)]
@@ -76,7 +77,7 @@ def logit_lift(direction, model, token_languages, languages: Sequence[str] | Non
     import numpy as np
     import pandas as pd
 
-    labels = _labels(token_languages)
+    labels = token_labels(token_languages)
     W_U = model.unembed.W_U                                   # [d_model, d_vocab]
     d_model, d_vocab = W_U.shape
     if len(labels) != d_vocab:

@@ -273,6 +273,28 @@ def _resolve_columns(names: list[str], langs: list[str], columns, where: str) ->
     return resolved
 
 
+def open_hf_dataset(name: str, split: str = "train", config: str | None = None, data_files=None):
+    """``(dataset, description)`` for a hub name (``load_dataset(name, config, split=split)``),
+    a local folder written by ``save_to_disk`` (``load_from_disk``; ``split`` picks the split
+    of a ``DatasetDict``), or a builder such as ``"json"`` with ``data_files``."""
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise ImportError("Hugging Face datasets need the package 'datasets': pip install datasets") from None
+
+    if Path(name).is_dir() and data_files is None:
+        if config is not None:
+            raise ValueError(f"config {config!r} does not apply to the saved dataset folder {name!r}")
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"dataset folder {name!r} has no split {split!r}; splits: {list(ds)}")
+            ds = ds[split]
+        return ds, f"dataset folder {name}"
+    ds = datasets.load_dataset(name, config, split=split, data_files=data_files)
+    return ds, f"dataset {name}" + (f" ({config})" if config else "") + (f" {data_files}" if data_files else "")
+
+
 def parallel_from_hf(name: str, languages, columns: Mapping[str, str] | None = None,
                      split: str = "train", config: str | None = None, data_files=None,
                      key_column: str | None = None) -> ParallelSet:
@@ -292,24 +314,7 @@ def parallel_from_hf(name: str, languages, columns: Mapping[str, str] | None = N
         raise ValueError(f"dataset name is {name!r}; give a hub name or a local dataset folder")
     if not isinstance(split, str) or not split:
         raise ValueError(f"split is {split!r}; give a split name such as 'train'")
-    try:
-        import datasets
-    except ModuleNotFoundError:
-        raise ImportError("parallel sets from Hugging Face need the package 'datasets': "
-                          "pip install datasets") from None
-
-    if Path(name).is_dir() and data_files is None:
-        if config is not None:
-            raise ValueError(f"config {config!r} does not apply to the saved dataset folder {name!r}")
-        ds = datasets.load_from_disk(name)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"dataset folder {name!r} has no split {split!r}; splits: {list(ds)}")
-            ds = ds[split]
-        where = f"dataset folder {name}"
-    else:
-        ds = datasets.load_dataset(name, config, split=split, data_files=data_files)
-        where = f"dataset {name}" + (f" ({config})" if config else "") + (f" {data_files}" if data_files else "")
+    ds, where = open_hf_dataset(name, split, config, data_files)
     names = list(ds.column_names)
     cols = _resolve_columns(names, langs, columns, where)
     if key_column is not None and key_column not in names:

@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 
 from ..languages import NO_SPACE_LANGUAGES
-from ..prompts import cloze_prompts, mine_concepts
+from ..prompts import cloze_prompts, context_ids, mine_concepts
 from .attribution import graph_for_prompt, graph_scores, language_target, pruned_graph
 from .circuit_tracer import build_replacement_model
 
@@ -75,8 +75,7 @@ def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True, view
     bar = progress_bar(total=2 * len(prompts), desc="attribution graphs", disable=not progress)
     try:
         for _, p in prompts.iterrows():
-            ids = [tok.bos_token_id] + tok.encode(p["prompt"], add_special_tokens=False)
-            ids = ids[-model.cfg.n_ctx:]
+            ids = context_ids(tok, tok.encode(p["prompt"], add_special_tokens=False), model.cfg.n_ctx)
             targets = {"logit": int(p["target_token"]),
                        "language": language_target(model, answers[p["concept"]], p["language"])}
             for kind, target in targets.items():

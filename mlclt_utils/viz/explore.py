@@ -145,14 +145,14 @@ def feature_card(m: ExplorerModel, layer: int, feature: int, k: int = 2, title: 
     """HTML of one feature: a header, the logit lift of its decoder per language, the
     histogram of its activations per language and its top ``k`` verses per language."""
     from ..features.examples import top_activating_examples
-    from ..features.lift import clt_decoder_directions, logit_lift
+    from ..features.lift import clt_decoder_directions, logit_lift, token_labels
 
     _check_choice(m, layer, feature)
     order = language_order(m.rows, languages or list(m.rows))
     acts = m.activations(layer, feature)
     ex = top_activating_examples(m.model, m.clt, m.rows, layer, feature, k=k, window=None,
                                  after=None, activations=acts)
-    labelled = [lang for lang in order if lang in set(_labels(m.token_languages))]
+    labelled = [lang for lang in order if lang in set(token_labels(m.token_languages))]
     lift_cells = ""
     if labelled:
         lift = logit_lift(clt_decoder_directions(m.clt, layer, [feature])[0], m.model,
@@ -181,10 +181,6 @@ def feature_card(m: ExplorerModel, layer: int, feature: int, k: int = 2, title: 
                if lift_cells else "")
             + f'<img alt="activation histogram per language" src="data:image/png;base64,{png}"/>'
             + verses + "</div>")
-
-
-def _labels(token_languages) -> list[str]:
-    return token_languages.labels() if hasattr(token_languages, "labels") else list(token_languages)
 
 
 def _n_tokens(rows: Tensor) -> int:

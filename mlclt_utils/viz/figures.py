@@ -155,11 +155,31 @@ def overlap_figure(summaries: Mapping[str, pd.DataFrame], value: str = "jaccard"
     return fig
 
 
+def _annotated_matrix(m: np.ndarray, columns: Sequence[str], rows: Sequence[str], fmt: str,
+                      bar_label: str, vmin: float | None = None, vmax: float | None = None):
+    """``fig, ax`` with the matrix ``m`` as a heatmap, each finite cell written in it with
+    ``fmt`` (white on the darker half of the colour range), and a labelled colour bar."""
+    from .style import colour_bar
+
+    fig, axes = panels(1, height=3.2)
+    ax = axes[0]
+    im = ax.imshow(m, cmap="viridis", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(m.shape[1]), columns)
+    ax.set_yticks(range(m.shape[0]), rows)
+    ax.grid(False)
+    lo, hi = im.get_clim()
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=8,
+                        color="w" if m[i, j] < (lo + hi) / 2 else "k")
+    colour_bar(fig, im, ax, bar_label)
+    return fig, ax
+
+
 def pair_heatmap(pairs: pd.DataFrame, layer: int, languages: Sequence[str],
                  title: str = "overlap by language pair"):
     """Language x language matrix of the parallel overlap at ``layer``."""
-    from .style import colour_bar
-
     par = pairs[(pairs["layer"] == layer) & (pairs["kind"] == "parallel")]
     n = len(languages)
     m = np.full((n, n), np.nan)
@@ -167,18 +187,7 @@ def pair_heatmap(pairs: pd.DataFrame, layer: int, languages: Sequence[str],
         a, b = r["pair"].split("-")
         i, j = languages.index(a), languages.index(b)
         m[i, j] = m[j, i] = r["jaccard"]
-    fig, axes = panels(1, height=3.2)
-    ax = axes[0]
-    im = ax.imshow(m, cmap="viridis")
-    ax.set_xticks(range(n), languages)
-    ax.set_yticks(range(n), languages)
-    ax.grid(False)
-    for i in range(n):
-        for j in range(n):
-            if np.isfinite(m[i, j]):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="w" if m[i, j] < np.nanmean(m) else "k")
-    colour_bar(fig, im, ax, "Jaccard of firing sets")
+    fig, ax = _annotated_matrix(m, languages, languages, "{:.2f}", "Jaccard of firing sets")
     ax.set_title(f"{title}, layer {layer}")
     return fig
 
@@ -342,22 +351,9 @@ def switch_strength_figure(rates: pd.DataFrame):
 
 def switch_matrix_figure(matrix: pd.DataFrame, title: str):
     """Source x target matrix of switch success (rows: the prompt's language)."""
-    from .style import colour_bar
-
-    fig, axes = panels(1, height=3.2)
-    ax = axes[0]
-    m = matrix.to_numpy(dtype=float)
-    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(m.shape[1]), matrix.columns)
-    ax.set_yticks(range(m.shape[0]), matrix.index)
+    fig, ax = _annotated_matrix(matrix.to_numpy(dtype=float), list(matrix.columns), list(matrix.index),
+                                "{:.0%}", "share switched", vmin=0, vmax=1)
     ax.set_xlabel("target language")
     ax.set_ylabel("prompt language")
-    ax.grid(False)
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            if np.isfinite(m[i, j]):
-                ax.text(j, i, f"{m[i, j]:.0%}", ha="center", va="center", fontsize=8,
-                        color="w" if m[i, j] < 0.5 else "k")
-    colour_bar(fig, im, ax, "share switched")
     ax.set_title(title, loc="left")
     return fig
