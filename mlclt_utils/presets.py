@@ -130,6 +130,17 @@ _BASE: dict[str, Any] = {
         "max_new_tokens": 8,           # greedy continuation length, classified by language
         "controls": 2,                 # random-feature draws per prompt and target
     },
+    # language regions and semantic alignment of MLP neurons over training (chapter 10);
+    # the parallel set is the features section's
+    "neurons": {
+        "max_rows": 200,               # parallel rows per language (the first ones)
+        "key_z": 2.0,                  # key linguistic neuron: excess contribution z-score above this
+        "lape_share": 0.01,            # LAPE: lowest-entropy share of all neurons ...
+        "lape_quantile": 0.95,         # ... among those whose top firing probability reaches this quantile
+        "ablation_tokens": 4096,       # language-modelling test tokens per language for the ablations
+        "ablation_draws": 3,           # random-neuron control sets per language
+        "display_rows": 40,            # rows per language in the similarity figure
+    },
 }
 
 
@@ -162,6 +173,7 @@ PRESETS: dict[str, dict] = {
                      "eval_every": 100, "eval_tokens_per_language": 16_384},
         "clt": {"features_per_layer": 1024, "train_tokens": 2_000_000, "batch_tokens": 1024,
                 "buffer_tokens": 131_072, "eval_tokens": 32_768},
+        "neurons": {"max_rows": 300, "ablation_tokens": 8192},
     }),
     # One 16 GB GPU, a few hours.
     "colab": _preset({
@@ -323,6 +335,15 @@ def reference_model(preset: Mapping[str, Any]) -> str:
     (e.g. 's-en50'); chapters compare variants on it."""
     models = preset["models"]
     return f"{models['main_size']}-{mixture_name(models['size_comparison_share'])}"
+
+
+def size_models(preset: Mapping[str, Any]) -> list[str]:
+    """The models of every size on the size-comparison mixture, main size first
+    (e.g. ['s-en50', 'm-en50']): what the size comparisons of chapters 09-10 read."""
+    models = preset["models"]
+    mix = mixture_name(models["size_comparison_share"])
+    sizes = [models["main_size"]] + [s for s in models["sizes"] if s != models["main_size"]]
+    return [f"{s}-{mix}" for s in sizes]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -43,7 +43,7 @@ from . import distributed
 from .artifacts import (IN_PROGRESS_FILE, RESUME_FILE, ManifestMismatch, Stage, atomic_path,
                         config_hash, read_json, write_json)
 from .presets import (load_preset, mixture_name, mixture_share, model_names, parse_override,
-                      reference_model)
+                      reference_model, size_models)
 
 
 class StaleStage(ManifestMismatch):
@@ -268,6 +268,7 @@ def chain(preset) -> list[tuple[str, str | None]]:
     out += [("language_stats", n) for n in names]
     ref = reference_model(preset)
     out += [("graphs", ref), ("interventions", ref)]
+    out += [("neurons", n) for n in size_models(preset)]
     return out
 
 
@@ -742,6 +743,65 @@ register(StageKind("interventions", "07", _interventions_config,
                                  ("language_stats", k), ("graphs", k)],
                    _build_interventions, _load_interventions,
                    keys=lambda p: [reference_model(p)]))
+
+
+# ------------------------------------------------------------------------ neurons -----
+
+def _neurons_config(preset, key) -> dict:
+    f = preset["features"]
+    return {"model_name": key, "languages": list(preset["corpus"]["languages"]),
+            "parallel": f["parallel"], "batch_size": f["batch_size"], "seed": preset["seed"],
+            **preset["neurons"]}
+
+
+def _build_neurons(ctx: BuildContext):
+    """Chapter 10: LRDS / SADS and key neurons at every checkpoint; LAPE, ablations and the
+    CLT-feature comparison at the final one."""
+    from .artifacts import save_tensors
+    from .data.datasets import verse_rows
+    from .features.parallel import load_parallel
+    from .models.load import checkpoint_steps
+    from .neurons import lingua_franca
+
+    cfg = ctx.config
+    parallel = load_parallel(cfg["parallel"], cfg["languages"], corpus=ctx.input("corpus"))
+    parallel = parallel.subset(cfg["max_rows"])
+    tokenizer = ctx.input("tokenizer")
+    n_ctx = ctx.preset["models"]["n_ctx"]
+    rows = {lang: verse_rows(tokenizer, parallel.texts[lang], n_ctx) for lang in parallel.languages}
+    per_lang = max(1, cfg["ablation_tokens"] // n_ctx)
+    test = ctx.input("data", model_mixture(ctx.key))["test"]
+    eval_sets = {lang: test[lang][:per_lang] for lang in parallel.languages if lang in test}
+    steps = checkpoint_steps(stage("models", ctx.run, ctx.key, ctx.root).path)
+    units = ctx.input("unit_stats", ctx.key)
+    clt_stats = {lang: units["clt"][lang] for lang in parallel.languages}
+    out = lingua_franca(lambda step: ctx.input("models", ctx.key, step=step), steps, rows, eval_sets,
+                        cfg, clt_stats=clt_stats, progress=ctx.progress)
+    _write_tables(ctx.stage, out["tables"])
+    save_tensors(ctx.stage.file("similarity.safetensors"),
+                 {k: __import__("torch").from_numpy(v) for k, v in out["similarity"].items()})
+    write_json(ctx.stage.file("rows.json"), {"languages": parallel.languages, "steps": steps,
+                                             "rows": len(parallel), "source": parallel.source,
+                                             "eval_rows": {k: len(v) for k, v in eval_sets.items()}})
+
+
+NEURON_TABLES = ("scores", "key_counts", "key_units", "lape_units", "method_overlap", "ablation")
+
+
+def _load_neurons(st: Stage) -> dict:
+    """``{table name: DataFrame, "similarity": {"mlp"|"clt": array}, "languages", "steps", ...}``."""
+    from .artifacts import load_tensors
+
+    out = _load_tables(st, NEURON_TABLES)
+    out["scores"]["layer"] = out["scores"]["layer"].astype(str)
+    out["similarity"] = {k: v.numpy() for k, v in load_tensors(st.file("similarity.safetensors")).items()}
+    return {**out, **read_json(st.file("rows.json"))}
+
+
+register(StageKind("neurons", "10", _neurons_config,
+                   lambda p, k: [("corpus", None), ("tokenizer", None), ("data", model_mixture(k)),
+                                 ("models", k), ("unit_stats", k)],
+                   _build_neurons, _load_neurons, keys=size_models))
 
 
 # ====================================================================== command line =====

@@ -357,3 +357,99 @@ def switch_matrix_figure(matrix: pd.DataFrame, title: str):
     ax.set_ylabel("prompt language")
     ax.set_title(title, loc="left")
     return fig
+
+
+# ---- chapter 10 -------------------------------------------------------------------------
+
+def similarity_figure(sim: np.ndarray, languages: Sequence[str], title: str = ""):
+    """The cosine-similarity matrix of activation patterns twice: rows ordered by language
+    (blocks along the diagonal = language regions) and by meaning (each sentence's
+    translations side by side; blocks = semantic alignment). ``sim`` has the languages in
+    blocks of equal size, in the order of ``languages``."""
+    from .style import colour_bar
+
+    n_lang = len(languages)
+    rows = sim.shape[0] // n_lang
+    if rows * n_lang != sim.shape[0]:
+        raise ValueError(f"a {sim.shape[0]}-row matrix cannot hold {n_lang} languages in equal blocks")
+    by_meaning = np.arange(sim.shape[0]).reshape(n_lang, rows).T.ravel()
+    fig, axes = panels(2, height=3.3)
+    lo, hi = np.percentile(sim, 1), np.percentile(sim, 99.5)
+    for ax, order, label in ((axes[0], np.arange(sim.shape[0]), "ordered by language"),
+                             (axes[1], by_meaning, "ordered by meaning")):
+        im = ax.imshow(sim[np.ix_(order, order)], cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+        ax.grid(False)
+        ax.set_title(label, fontsize=10)
+        if label.endswith("language"):
+            ticks = [rows * i + rows / 2 - 0.5 for i in range(n_lang)]
+            ax.set_xticks(ticks, [language_label(l) for l in languages], rotation=90, fontsize=8)
+            ax.set_yticks(ticks, [language_label(l) for l in languages], fontsize=8)
+        else:
+            ax.set_xticks([]); ax.set_yticks([])
+            ax.set_xlabel(f"{rows} sentences × {n_lang} languages")
+    colour_bar(fig, im, axes[1], "cosine similarity")
+    if title:
+        fig.suptitle(title, x=0.01, ha="left", fontsize=10)
+    return fig
+
+
+def region_score_figure(scores: pd.DataFrame, x: str = "step"):
+    """LRDS (left) and SADS (right) against ``x`` ("step": training step, log scale, all
+    layers together; "layer": per layer at the last step), one line per model (column
+    ``model``) and unit kind (column ``unit``: MLP neurons solid, CLT features dashed)."""
+    fig, axes = panels(2, height=2.9)
+    colours = {}
+    for ax, score, name in ((axes[0], "lrds", "language region score (LRDS)"),
+                            (axes[1], "sads", "semantic alignment score (SADS)")):
+        for (model, unit), part in scores.groupby(["model", "unit"], sort=False):
+            c = colours.setdefault(model, f"C{len(colours)}")
+            part = part.sort_values(x)
+            label = f"{model}, {'MLP neurons' if unit == 'mlp' else 'CLT features'}"
+            ax.plot(part[x], part[score], color=c, ls="-" if unit == "mlp" else "--",
+                    marker="o" if x == "layer" or len(part) < 12 else None, label=label)
+        ax.set_ylabel(name)
+        ax.axhline(0, color="grey", lw=0.6)
+        if x == "step":
+            ax.set_xscale("log")
+            ax.set_xlabel("training step")
+        else:
+            ax.set_xlabel("layer")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return fig
+
+
+def key_unit_figure(counts: pd.DataFrame, languages: Sequence[str]):
+    """Key linguistic units per layer, stacked by language (columns layer, language,
+    units), one panel per model (column ``model``), as a share of the layer's units
+    (column ``width``)."""
+    models = list(dict.fromkeys(counts["model"]))
+    fig, axes = panels(len(models), height=2.8)
+    for ax, model in zip(axes, models):
+        part = counts[counts["model"] == model]
+        bottom = None
+        for lang in languages:
+            rows = part[part["language"] == lang].sort_values("layer")
+            share = (rows["units"] / rows["width"]).to_numpy()
+            ax.bar(rows["layer"], share, bottom=bottom, color=language_colour(lang), label=language_label(lang))
+            bottom = share if bottom is None else bottom + share
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("layer")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("key units / units of the layer")
+    axes[len(models) - 1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return fig
+
+
+def ablation_figure(summary: pd.DataFrame, languages: Sequence[str], title: str):
+    """Ablated language x evaluated language: relative change of the loss when one
+    language's key neurons are zeroed, minus the mean change for random neurons."""
+    m = (summary.pivot(index="ablated", columns="language", values="excess")
+         .reindex(index=[l for l in languages if l in set(summary["ablated"])], columns=languages))
+    fig, ax = _annotated_matrix(100 * m.to_numpy(dtype=float), [language_label(l) for l in m.columns],
+                                [language_label(l) for l in m.index], "{:+.1f}",
+                                "loss change beyond random neurons (%)")
+    ax.set_xlabel("language evaluated")
+    ax.set_ylabel("key neurons zeroed")
+    ax.set_title(title, loc="left")
+    return fig

@@ -1,0 +1,173 @@
+"""Chapter 10: language regions and semantic alignment of MLP neurons over training.
+
+For every kept checkpoint of a model, one streamed pass of its MLP neurons over the parallel
+set (``features.activations.collect_unit_stats``) gives each row's activation pattern per
+layer; ``features.regions`` turns those into LRDS / SADS and key linguistic neurons. At the
+final checkpoint the chapter adds LAPE neurons, zeroing ablations, and the same statistics
+on the CLT's features (from chapter 04's unit statistics, so both go through one code path).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .features import regions
+from .features.activations import MLPNeurons, UnitStats, collect_unit_stats
+
+# ------------------------------------------------------------------------ ablations -----
+
+
+def zeroing_hooks(units: Mapping[int, Sequence[int]]) -> list:
+    """TransformerLens forward hooks that set MLP neurons ``{layer: [unit, ...]}`` to zero
+    after the nonlinearity (``blocks.l.mlp.hook_post``), at every position."""
+    hooks = []
+    for layer, idx in units.items():
+        idx = torch.as_tensor(sorted(set(int(i) for i in idx)), dtype=torch.long)
+        if len(idx) == 0:
+            continue
+
+        def zero(act, hook, idx=idx):
+            act[..., idx.to(act.device)] = 0.0
+            return act
+        hooks.append((f"blocks.{int(layer)}.mlp.hook_post", zero))
+    return hooks
+
+
+def language_losses(model, eval_sets: Mapping[str, torch.Tensor], units=None,
+                    batch_size: int = 32) -> dict[str, float]:
+    """Mean next-token loss per language with the neurons ``units`` ({layer: [unit]})
+    zeroed (none: the model as it is)."""
+    from .models.train import eval_loss_per_language
+
+    with model.hooks(fwd_hooks=zeroing_hooks(units or {})):
+        return eval_loss_per_language(model, eval_sets, batch_size)
+
+
+def random_units(counts: Mapping[int, int], widths: Sequence[int], rng: np.random.Generator,
+                 exclude: Mapping[int, Sequence[int]] | None = None) -> dict[int, list[int]]:
+    """As many random neurons per layer as ``counts`` asks for, drawn without replacement
+    from the layer's ``widths[layer]`` neurons outside ``exclude``."""
+    out = {}
+    for layer, n in counts.items():
+        pool = np.setdiff1d(np.arange(widths[layer]), np.asarray((exclude or {}).get(layer, []), dtype=int))
+        if n > len(pool):
+            raise ValueError(f"layer {layer}: {n} random neurons asked for, only {len(pool)} to draw from")
+        out[int(layer)] = sorted(rng.choice(pool, size=int(n), replace=False).tolist())
+    return out
+
+
+def ablation_table(model, eval_sets: Mapping[str, torch.Tensor], key: pd.DataFrame,
+                   languages: Sequence[str], draws: int = 3, seed: int = 0, batch_size: int = 32,
+                   progress: bool = True) -> pd.DataFrame:
+    """Zero each language's key neurons (``key``: ``language, layer, unit``) and, as
+    controls, ``draws`` sets of random neurons with the same count per layer; every
+    language's loss each time. Columns: ``kind`` ("key" / "random"), ``draw``, ``ablated``
+    (whose neurons), ``language`` (evaluated), ``neurons``, ``loss``, ``base_loss``,
+    ``relative_change`` = loss / base_loss - 1."""
+    from .viz.progress import progress_bar
+
+    widths = [model.cfg.d_mlp] * model.cfg.n_layers
+    base = language_losses(model, eval_sets, None, batch_size)
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for lang in languages:
+        mine = key[key["language"] == lang]
+        if mine.empty:
+            continue
+        units = {int(l): g["unit"].astype(int).tolist() for l, g in mine.groupby("layer")}
+        counts = {l: len(u) for l, u in units.items()}
+        jobs.append(("key", 0, lang, units))
+        jobs += [("random", d, lang, random_units(counts, widths, rng, units)) for d in range(draws)]
+    rows = []
+    for kind, draw, lang, units in progress_bar(iterable=jobs, desc="ablations", disable=not progress):
+        losses = language_losses(model, eval_sets, units, batch_size)
+        n = sum(len(u) for u in units.values())
+        rows += [{"kind": kind, "draw": draw, "ablated": lang, "language": other, "neurons": n,
+                  "loss": losses[other], "base_loss": base[other],
+                  "relative_change": losses[other] / base[other] - 1.0} for other in eval_sets]
+    return pd.DataFrame(rows, columns=["kind", "draw", "ablated", "language", "neurons", "loss",
+                                       "base_loss", "relative_change"])
+
+
+def ablation_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (ablated, language): the key ablation's relative change, the random controls'
+    mean and standard deviation, and the key minus the control mean."""
+    key = table[table["kind"] == "key"].set_index(["ablated", "language"])["relative_change"]
+    rnd = table[table["kind"] == "random"].groupby(["ablated", "language"])["relative_change"]
+    out = pd.DataFrame({"key": key, "random_mean": rnd.mean(), "random_sd": rnd.std(ddof=1)})
+    out["excess"] = out["key"] - out["random_mean"]
+    return out.reset_index()
+
+
+# --------------------------------------------------------------------- the chapter -----
+
+def stats_by_language(model, rows: Mapping[str, torch.Tensor], batch_size: int = 16) -> dict[str, UnitStats]:
+    """MLP-neuron statistics of ``model`` on every language's token rows (one streamed pass each)."""
+    source = MLPNeurons(model)
+    return {lang: collect_unit_stats(source, r, batch_size) for lang, r in rows.items()}
+
+
+def _key_counts(stats, cfg, n_layers) -> tuple[pd.DataFrame, pd.DataFrame]:
+    key = regions.key_units(stats, cfg["key_z"], cfg["max_rows"])
+    return key, regions.unit_counts(key, list(stats), n_layers)
+
+
+def display_similarity(stats: Mapping[str, UnitStats], rows: int) -> np.ndarray:
+    """Cosine similarity of the first ``rows`` rows of every language (languages in blocks),
+    all layers concatenated: what the chapter's similarity figure shows."""
+    x, _, _ = regions.patterns(stats, None, rows)
+    return regions.cosine_matrix(x).astype(np.float32)
+
+
+def lingua_franca(load_model: Callable[[int | None], object], steps: Sequence[int],
+                  rows: Mapping[str, torch.Tensor], eval_sets: Mapping[str, torch.Tensor],
+                  cfg: Mapping, clt_stats: Mapping[str, UnitStats] | None = None,
+                  progress: bool = True) -> dict:
+    """Everything chapter 10 measures on one model.
+
+    ``load_model(step)`` returns the checkpoint at ``step`` (``steps`` ascending, the last
+    the final one); ``rows`` are the parallel rows per language (BOS + tokens, padded);
+    ``eval_sets`` the language-modelling test rows per language; ``clt_stats`` the CLT
+    features' unit statistics on the same parallel rows (chapter 04), optional.
+
+    Returns ``{"tables": {name: DataFrame}, "similarity": {"mlp"|"clt": matrix}}``: scores
+    (unit, step, layer, LRDS, SADS, ...), key_counts (unit, step, layer, language, units),
+    key_units and lape_units (final MLP), method_overlap, ablation."""
+    from .viz.progress import progress_bar
+
+    if not steps:
+        raise ValueError("no checkpoints to measure")
+    scores, counts = [], []
+    final_stats = model = None
+    for step in progress_bar(iterable=list(steps), desc="checkpoints", disable=not progress):
+        model = load_model(step)
+        stats = stats_by_language(model, rows, cfg["batch_size"])
+        scores.append(regions.scores_by_layer(stats, cfg["max_rows"]).assign(unit="mlp", step=step))
+        key, c = _key_counts(stats, cfg, model.cfg.n_layers)
+        counts.append(c.assign(unit="mlp", step=step, width=model.cfg.d_mlp))
+        final_stats = stats
+    tables = {}
+    key = regions.key_units(final_stats, cfg["key_z"], cfg["max_rows"])
+    lape = regions.lape_by_layer(final_stats, cfg["lape_share"], cfg["lape_quantile"])
+    tables["key_units"] = key
+    tables["lape_units"] = lape
+    tables["method_overlap"] = regions.set_overlap(key, lape, list(rows)).rename(
+        columns={"first": "key", "second": "lape"})
+    tables["ablation"] = ablation_table(model, eval_sets, key, list(rows), cfg["ablation_draws"],
+                                        cfg["seed"], progress=progress)
+    similarity = {"mlp": display_similarity(final_stats, cfg["display_rows"])}
+    if clt_stats is not None:
+        clt_scores = regions.scores_by_layer(clt_stats, cfg["max_rows"])
+        scores.append(clt_scores.assign(unit="clt", step=steps[-1]))
+        n_layers = len(next(iter(clt_stats.values())).means)
+        width = next(iter(clt_stats.values())).means[0].shape[1]
+        _, c = _key_counts(clt_stats, cfg, n_layers)
+        counts.append(c.assign(unit="clt", step=steps[-1], width=width))
+        similarity["clt"] = display_similarity(clt_stats, cfg["display_rows"])
+    tables["scores"] = pd.concat(scores, ignore_index=True)
+    tables["key_counts"] = pd.concat(counts, ignore_index=True)
+    return {"tables": tables, "similarity": similarity}

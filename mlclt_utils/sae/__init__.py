@@ -1,0 +1,1 @@
+"""Sparse autoencoders (SAEs) on the residual stream, trained with SAELens's own classes (``train``)."""
