@@ -141,6 +141,32 @@ _BASE: dict[str, Any] = {
         "ablation_draws": 3,           # random-neuron control sets per language
         "display_rows": 40,            # rows per language in the similarity figure
     },
+    # the bilingual run of chapter 09 (paper B): its own corpus, tokenizer, data and models,
+    # built by the same stages under the run name "<run>-bilingual" (see bilingual_preset)
+    "bilingual": {
+        "languages": ["en", "ja"],     # the pair, 50/50
+        "sizes": {                     # at least two sizes, smallest first
+            "s": {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_mlp": 128},
+            "m": {"n_layers": 3, "d_model": 64, "n_heads": 4, "d_mlp": 256},
+        },
+        "tokens": 150_000,             # training tokens per model
+        "n_checkpoints": 5,            # log-spaced checkpoints plus the final one
+        "sae_checkpoints": 3,          # SAEs on the last this many kept checkpoints
+        "sae_expansion": 16,           # latents = this x d_model (the paper: 16)
+        "sae_k": 32,                   # TopK (the paper: 32)
+        "sae_tokens": 20_000,          # activation vectors per SAE
+        "sae_batch_tokens": 256,
+        "sae_lr": 2e-3,
+        "sae_dead_window_tokens": 10_000,
+        "max_fvu": 0.3,                # quality bar: an SAE above either is named in the chapter
+        "max_dead": 0.5,               # ... (share of latents that never fire on held-out text)
+        "context_rows": 200,           # validation rows per language searched for top contexts
+        "top_contexts": 50,            # a latent's contexts: up to this many ...
+        "context_ratio": 0.7,          # ... with activation >= this x its max
+        "language_share": 0.9,         # > this share of contexts in one language: monolingual
+        "stitch_batches": 6,           # text batches (confidence intervals over them)
+        "stitch_rows": 8,              # rows per batch and language
+    },
 }
 
 
@@ -174,6 +200,11 @@ PRESETS: dict[str, dict] = {
         "clt": {"features_per_layer": 1024, "train_tokens": 2_000_000, "batch_tokens": 1024,
                 "buffer_tokens": 131_072, "eval_tokens": 32_768},
         "neurons": {"max_rows": 300, "ablation_tokens": 8192},
+        "bilingual": {"sizes": {"s": {"n_layers": 4, "d_model": 96, "n_heads": 3, "d_mlp": 384},
+                                "m": {"n_layers": 4, "d_model": 192, "n_heads": 6, "d_mlp": 768}},
+                      "tokens": 600_000, "n_checkpoints": 6, "sae_checkpoints": 4, "sae_k": 32,
+                      "sae_tokens": 60_000, "sae_batch_tokens": 512, "context_rows": 400,
+                      "stitch_batches": 8, "stitch_rows": 16},
     }),
     # One 16 GB GPU, a few hours.
     "colab": _preset({
@@ -344,6 +375,34 @@ def size_models(preset: Mapping[str, Any]) -> list[str]:
     mix = mixture_name(models["size_comparison_share"])
     sizes = [models["main_size"]] + [s for s in models["sizes"] if s != models["main_size"]]
     return [f"{s}-{mix}" for s in sizes]
+
+
+BILINGUAL_SUFFIX = "-bilingual"
+
+
+def bilingual_preset(preset: Mapping[str, Any]) -> dict:
+    """The preset of the bilingual run (chapter 09): the same preset with the corpus cut to
+    the pair, one 50/50 mixture (English share 0.5 when English is one of the two, else 0:
+    the other two split evenly), the bilingual sizes and training length. Its stages live
+    under the run name ``<run>-bilingual``."""
+    bi = preset["bilingual"]
+    langs = check_languages(bi["languages"])
+    if len(langs) != 2:
+        raise ValueError(f"bilingual.languages must name two languages, got {langs}")
+    sizes = bi["sizes"]
+    if len(sizes) < 2:
+        raise ValueError(f"bilingual.sizes must hold at least two model sizes, got {sorted(sizes)}")
+    out = copy.deepcopy(dict(preset))
+    share = 0.5 if "en" in langs else 0.0
+    out["corpus"]["languages"] = langs
+    out["mixtures"] = {"english_shares": [share], "weights": None}
+    out["models"]["sizes"] = copy.deepcopy(dict(sizes))
+    out["models"]["main_size"] = next(iter(sizes))
+    out["models"]["size_comparison_share"] = share
+    out["training"]["tokens"] = bi["tokens"]
+    out["training"]["n_checkpoints"] = bi["n_checkpoints"]
+    validate(out)
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:

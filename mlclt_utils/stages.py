@@ -804,6 +804,94 @@ register(StageKind("neurons", "10", _neurons_config,
                    _build_neurons, _load_neurons, keys=size_models))
 
 
+# ---------------------------------------------------------- bilingual SAEs (chapter 09) -----
+# These kinds live in the bilingual run ("<run>-bilingual", presets.bilingual_preset), whose
+# corpus, tokenizer, data and models are built by the kinds above.
+
+def _saes_config(preset, key) -> dict:
+    return {"model_name": key, "languages": list(preset["corpus"]["languages"]),
+            "seed": preset["seed"], **preset["bilingual"]}
+
+
+def _context_rows(data, languages, n) -> dict:
+    return {lang: data["validation"][lang][:n] for lang in languages}
+
+
+def _build_saes(ctx: BuildContext):
+    """SAEs at the last kept checkpoints, their quality and every latent's language."""
+    from .features.language import TokenLanguages
+    from .models.load import checkpoint_steps
+    from .sae.dynamics import bilingual_dynamics
+
+    cfg = ctx.config
+    data = ctx.input("data", model_mixture(ctx.key))
+    train = data["train"]
+    by_lang = {lang: train["tokens"][train["language"] == i] for i, lang in enumerate(data["languages"])}
+    vocab = ctx.preset["tokenizer"]["vocab_size"]
+    token_languages = TokenLanguages.from_token_rows({l: r for l, r in by_lang.items() if len(r)}, vocab)
+    steps = checkpoint_steps(stage("models", ctx.run, ctx.key, ctx.root).path)[-cfg["sae_checkpoints"]:]
+    tables = bilingual_dynamics(lambda step: ctx.input("models", ctx.key, step=step), steps, train["tokens"],
+                                _context_rows(data, cfg["languages"], cfg["context_rows"]), token_languages,
+                                cfg, cfg["seed"], ctx.stage.file("saes"), tokenizer=ctx.input("tokenizer"),
+                                progress=ctx.progress)
+    _write_tables(ctx.stage, tables)
+    _write_text_json(ctx.stage.file("token_languages.json"), token_languages.to_dict())
+    write_json(ctx.stage.file("info.json"), {"steps": steps, "languages": cfg["languages"]})
+
+
+SAE_TABLES = ("quality", "labels", "examples", "shares")
+
+
+def _load_saes(st: Stage) -> dict:
+    """``{"quality", "labels", "examples", "shares": DataFrames, "steps", "languages",
+    "token_languages", "folder": where step_<n>/layer_<l> SAELens folders are}``."""
+    from .features.language import TokenLanguages
+
+    out = _load_tables(st, SAE_TABLES)
+    out["token_languages"] = TokenLanguages.from_dict(read_json(st.file("token_languages.json")))
+    return {**out, **read_json(st.file("info.json")), "folder": st.file("saes")}
+
+
+register(StageKind("saes", "09", _saes_config,
+                   lambda p, k: [("tokenizer", None), ("data", model_mixture(k)), ("models", k)],
+                   _build_saes, _load_saes, keys=size_models))
+
+
+def _build_stitching(ctx: BuildContext):
+    """Bilingual, monolingual and random latents of the final model's SAEs stitched into each
+    earlier SAE checkpoint, per layer and language, over text batches of the test split."""
+    from .sae.dynamics import sae_folder
+    from .sae.stitch import stitching_table
+    from .sae.train import load_sae
+
+    cfg = ctx.config
+    saes = ctx.input("saes", ctx.key)
+    data = ctx.input("data", model_mixture(ctx.key))
+    steps = saes["steps"]
+    final = ctx.input("models", ctx.key, step=steps[-1])
+    n, b = cfg["stitch_rows"], cfg["stitch_batches"]
+    batches = {lang: [data["test"][lang][i * n:(i + 1) * n] for i in range(b)
+                      if len(data["test"][lang][i * n:(i + 1) * n])] for lang in cfg["languages"]}
+    labels = saes["labels"]
+    parts = []
+    for step in steps[:-1]:
+        target = ctx.input("models", ctx.key, step=step)
+        for layer in sorted(labels["layer"].unique()):
+            sae = load_sae(sae_folder(saes["folder"], steps[-1], int(layer)))
+            lab = labels[(labels["step"] == steps[-1]) & (labels["layer"] == layer)]
+            parts.append(stitching_table(target, final, sae, int(layer), batches, lab, cfg["languages"],
+                                         seed=cfg["seed"]).assign(step=step, layer=int(layer)))
+    import pandas as pd
+
+    _write_tables(ctx.stage, {"stitching": pd.concat(parts, ignore_index=True)})
+
+
+register(StageKind("stitching", "09", _saes_config,
+                   lambda p, k: [("data", model_mixture(k)), ("models", k), ("saes", k)],
+                   _build_stitching, lambda st: _load_tables(st, ("stitching",))["stitching"],
+                   keys=lambda p: size_models(p)[:1]))
+
+
 # ====================================================================== command line =====
 
 def main(argv: list[str] | None = None) -> int:

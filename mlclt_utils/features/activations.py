@@ -3,7 +3,7 @@
 A *unit* is anything with one activation per token and layer: a CLT feature, an MLP neuron
 (after the nonlinearity), a residual-stream dimension. ``UnitSource`` is the one interface
 the statistics of ``features`` read; chapters 04-05 use CLT features and the residual
-stream, chapter 10 MLP neurons, chapter 09 SAE latents.
+stream, chapter 10 MLP neurons, chapter 09 SAE latents (``SAELatents``).
 
 ``collect_unit_stats`` makes one pass over the rows, one batch at a time (never more than
 one batch of dense activations in memory), and keeps per layer:
@@ -87,6 +87,30 @@ class ResidualStream(UnitSource):
 
     def hook(self, layer: int) -> str:
         return f"blocks.{layer}.hook_resid_post"
+
+
+class SAELatents(UnitSource):
+    """The latents of residual-stream SAEs (SAELens ``SAE``s, ``{layer: sae}``) read on
+    ``blocks.l.hook_resid_post``. Its layers are the SAEs' layers: ``activations`` returns
+    one tensor per entry of ``layers``, in that order."""
+
+    kind = "sae"
+
+    def __init__(self, model, saes):
+        super().__init__(model)
+        self.saes = dict(sorted(saes.items()))
+        self.layers = list(self.saes)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def hook(self, i: int) -> str:
+        return f"blocks.{self.layers[i]}.hook_resid_post"
+
+    def transform(self, x: Tensor, i: int) -> Tensor:
+        sae = self.saes[self.layers[i]]
+        return sae.encode(x.to(sae.W_enc.dtype))
 
 
 @dataclass

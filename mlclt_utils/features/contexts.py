@@ -1,0 +1,128 @@
+"""Top activating contexts of every unit, and the language of a unit read from them.
+
+:func:`top_contexts` streams a :class:`~mlclt_utils.features.activations.UnitSource` over
+token rows and keeps, per layer, each unit's ``top`` largest activations and where they
+occurred (a running top-k merged batch by batch: never more than one batch of dense
+activations in memory). BOS and padding positions never count.
+
+:func:`unit_languages` labels units by the language of their contexts (the bilingual-SAE
+study, paper B): a unit's contexts are its top activations of at least ``ratio`` x its
+maximum (up to ``top``); each context's language is the language of the token it fires on,
+from the book's one token classifier (:class:`~mlclt_utils.features.language.TokenLanguages`).
+A unit is language X when more than ``share`` of its contexts are X, ``bilingual`` when it is
+neither and each of the two languages has at least ``1 - share`` of them, ``shared`` when
+its contexts are mostly tokens no language owns (punctuation, digits, names), and ``dead``
+when it never fires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .activations import UnitSource, kept_positions
+
+BILINGUAL, SHARED_TOKENS, DEAD = "bilingual", "shared", "dead"
+
+
+@dataclass
+class TopContexts:
+    values: Tensor       # [top, units] activations, descending (-inf where fewer were seen)
+    positions: Tensor    # [top, units] flat positions row * T + t into the rows
+
+
+@torch.no_grad()
+def top_contexts(source: UnitSource, rows: Tensor, top: int = 50, batch_size: int = 16) -> list[TopContexts]:
+    """Per layer of ``source``, every unit's ``top`` largest activations over ``rows`` [N, T]
+    and their flat positions (see the module docstring)."""
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise ValueError(f"rows must be a non-empty [N, T] tensor of token ids, got shape {tuple(rows.shape)}")
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    device = next(source.model.parameters()).device
+    T = rows.shape[1]
+    best: list[TopContexts] | None = None
+    for start in range(0, rows.shape[0], batch_size):
+        chunk = rows[start:start + batch_size].to(device)
+        keep = kept_positions(chunk).reshape(-1)
+        flat_pos = (torch.arange(chunk.shape[0], device=device)[:, None] * T
+                    + torch.arange(chunk.shape[1], device=device)[None, :] + start * T).reshape(-1)
+        acts = source.activations(chunk)
+        if best is None:
+            best = [TopContexts(torch.full((0, a.shape[-1]), -float("inf")), torch.zeros((0, a.shape[-1]), dtype=torch.long))
+                    for a in acts]
+        for i, a in enumerate(acts):
+            a = a.reshape(-1, a.shape[-1]).float().cpu()
+            a[~keep.cpu()] = -float("inf")
+            pos = flat_pos.cpu()[:, None].expand_as(a)
+            vals = torch.cat([best[i].values, a])
+            poss = torch.cat([best[i].positions, pos])
+            k = min(top, vals.shape[0])
+            v, idx = vals.topk(k, dim=0)
+            best[i] = TopContexts(v, poss.gather(0, idx))
+    return best
+
+
+def unit_languages(contexts: TopContexts, rows: Tensor, token_languages, languages: Sequence[str],
+                   ratio: float = 0.7, share: float = 0.9) -> pd.DataFrame:
+    """Language label of every unit from its top contexts (see the module docstring).
+
+    Columns: ``unit, label, contexts, max_activation`` and ``share_<lang>`` for each of
+    ``languages`` (share of the unit's contexts whose token is of that language)."""
+    if not 0 < ratio <= 1 or not 0.5 <= share < 1:
+        raise ValueError(f"ratio must be in (0, 1] and share in [0.5, 1), got {ratio}, {share}")
+    languages = list(languages)
+    labels = np.array(token_languages.labels())
+    flat = rows.reshape(-1).numpy()
+    values, positions = contexts.values.numpy(), contexts.positions.numpy()
+    top_value = values[0] if len(values) else np.zeros(values.shape[1])
+    alive = np.isfinite(top_value) & (top_value > 0)
+    chosen = np.isfinite(values) & (values > 0) & (values >= ratio * np.where(alive, top_value, np.inf))
+    token_lang = labels[flat[positions]]                       # [top, units]
+    n = chosen.sum(0)
+    shares = {lang: np.divide(((token_lang == lang) & chosen).sum(0), n, out=np.zeros(len(n)), where=n > 0)
+              for lang in languages}
+    label = np.full(len(n), SHARED_TOKENS, dtype=object)
+    both = np.ones(len(n), dtype=bool)
+    for lang in languages:
+        both &= shares[lang] >= 1 - share
+    label[both] = BILINGUAL
+    for lang in languages:
+        label[shares[lang] > share] = lang
+    label[~alive] = DEAD
+    out = pd.DataFrame({"unit": np.arange(len(n)), "label": label, "contexts": n,
+                        "max_activation": np.where(alive, top_value, 0.0)})
+    for lang in languages:
+        out[f"share_{lang}"] = shares[lang]
+    return out
+
+
+def label_shares(labels: pd.DataFrame, languages: Sequence[str]) -> dict[str, float]:
+    """Share of the live units (not dead) carrying each label: the languages, bilingual and
+    shared; they add up to 1."""
+    live = labels[labels["label"] != DEAD]
+    total = max(len(live), 1)
+    return {lab: float((live["label"] == lab).sum() / total)
+            for lab in [*languages, BILINGUAL, SHARED_TOKENS]}
+
+
+def context_text(tokenizer, rows: Tensor, position: int, before: int = 8, after: int = 2) -> str:
+    """The text around flat ``position`` of ``rows``, the token itself marked ``[[ ]]``
+    (the book's convention, see ``viz.text``); special tokens left out."""
+    from .language import N_SPECIAL
+
+    T = rows.shape[1]
+    r, t = divmod(int(position), T)
+    ids = rows[r].tolist()
+
+    def keep(seq):
+        return [i for i in seq if i >= N_SPECIAL]
+    left = tokenizer.decode(keep(ids[max(1, t - before):t]))
+    mid = tokenizer.decode(keep([ids[t]]))
+    right = tokenizer.decode(keep(ids[t + 1:t + 1 + after]))
+    return f"{left}[[{mid}]]{right}"

@@ -1,0 +1,116 @@
+"""Chapter 09: SAE latents of a bilingual model over training (the bilingual-SAE study).
+
+For each kept checkpoint (the last ``sae_checkpoints`` of the model's log-spaced ones), one
+TopK SAE per chosen layer (first, middle, last) is trained with SAELens from one pass of
+activations per batch (:func:`sae.train.train_saes`); its quality is measured on held-out
+rows, and every latent is labelled by the language of its top contexts with the shared
+feature-statistics code (:mod:`features.contexts`), exactly as CLT features or neurons
+would be.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from ..features.activations import SAELatents
+from ..features.contexts import BILINGUAL, context_text, label_shares, top_contexts, unit_languages
+from .train import SAETrainingConfig, sae_quality, save_sae, stream_activations, train_saes
+
+
+def sae_layers(n_layers: int) -> list[int]:
+    """The first, a middle and the last layer (fewer when the model has fewer layers)."""
+    return sorted({0, n_layers // 2, n_layers - 1})
+
+
+def sae_folder(root, step: int, layer: int) -> Path:
+    """Where the SAE of ``layer`` at checkpoint ``step`` is saved (SAELens format)."""
+    return Path(root) / f"step_{step:07d}" / f"layer_{layer}"
+
+
+def training_config(cfg: Mapping, d_model: int, seed: int) -> SAETrainingConfig:
+    return SAETrainingConfig(d_sae=cfg["sae_expansion"] * d_model, k=cfg["sae_k"],
+                             train_tokens=cfg["sae_tokens"], batch_tokens=cfg["sae_batch_tokens"],
+                             lr=cfg["sae_lr"], seed=seed, dead_window_tokens=cfg["sae_dead_window_tokens"])
+
+
+def checkpoint_saes(model, train_rows: torch.Tensor, context_rows: Mapping[str, torch.Tensor],
+                    token_languages, cfg: Mapping, seed: int, folder=None, tokenizer=None,
+                    progress: bool = True) -> dict:
+    """SAEs of one checkpoint and what the chapter reads from them.
+
+    ``train_rows``: token rows to train on; ``context_rows``: held-out rows per language
+    (quality and top contexts). Saves each SAE under ``folder`` when given. Returns
+    ``{"saes": {layer: SAE}, "quality": DataFrame, "labels": DataFrame, "examples": DataFrame}``."""
+    languages = list(context_rows)
+    layers = sae_layers(model.cfg.n_layers)
+    saes = train_saes(model, train_rows, layers, training_config(cfg, model.cfg.d_model, seed),
+                      progress=progress)
+    if folder is not None:
+        for layer, sae in saes.items():
+            save_sae(sae, folder(layer))
+    rows = torch.cat([context_rows[l] for l in languages])
+    quality = []
+    acts = {}
+    for batch in stream_activations(model, rows, layers, 32):
+        for name, a in batch.items():
+            acts.setdefault(name, []).append(a)
+    for layer, sae in saes.items():
+        q = sae_quality(sae, torch.cat(acts[f"blocks.{layer}.hook_resid_post"]))
+        quality.append({"layer": layer, "d_sae": sae.cfg.d_sae, "k": cfg["sae_k"], **q})
+    tops = top_contexts(SAELatents(model, saes), rows, cfg["top_contexts"], 32)
+    labels, examples = [], []
+    for layer, top in zip(sorted(saes), tops):
+        lab = unit_languages(top, rows, token_languages, languages, cfg["context_ratio"], cfg["language_share"])
+        labels.append(lab.assign(layer=layer))
+        if tokenizer is not None:
+            examples.append(_examples(lab, top, rows, tokenizer, token_languages, languages).assign(layer=layer))
+    labels = pd.concat(labels, ignore_index=True)
+    examples = pd.concat(examples, ignore_index=True) if examples else pd.DataFrame()
+    return {"saes": saes, "quality": pd.DataFrame(quality), "labels": labels, "examples": examples}
+
+
+def _examples(labels: pd.DataFrame, top, rows, tokenizer, token_languages, languages,
+              n_latents: int = 3, per_language: int = 2) -> pd.DataFrame:
+    """Top contexts, per language, of the most active bilingual latents."""
+    token_lang = token_languages.labels()
+    flat = rows.reshape(-1)
+    bi = labels[labels["label"] == BILINGUAL].nlargest(n_latents, "max_activation")
+    out = []
+    for unit in bi["unit"]:
+        vals, pos = top.values[:, unit], top.positions[:, unit]
+        for lang in languages:
+            shown = 0
+            for v, p in zip(vals.tolist(), pos.tolist()):
+                if v <= 0 or shown >= per_language:
+                    break
+                if token_lang[int(flat[p])] == lang:
+                    out.append({"unit": int(unit), "language": lang, "activation": v,
+                                "context": context_text(tokenizer, rows, p)})
+                    shown += 1
+    return pd.DataFrame(out, columns=["unit", "language", "activation", "context"])
+
+
+def bilingual_dynamics(load_model: Callable[[int], object], steps: Sequence[int], train_rows, context_rows,
+                       token_languages, cfg: Mapping, seed: int, root, tokenizer=None,
+                       progress: bool = True) -> dict[str, pd.DataFrame]:
+    """:func:`checkpoint_saes` at every step of ``steps``, SAEs saved under ``root``; the
+    tables of all steps together (column ``step``) plus ``shares`` (step, layer, label, share)."""
+    from ..viz.progress import progress_bar
+
+    tables = {"quality": [], "labels": [], "examples": [], "shares": []}
+    languages = list(context_rows)
+    for step in progress_bar(iterable=list(steps), desc="SAE checkpoints", disable=not progress):
+        model = load_model(step)
+        out = checkpoint_saes(model, train_rows, context_rows, token_languages, cfg, seed,
+                              folder=lambda layer, step=step: sae_folder(root, step, layer),
+                              tokenizer=tokenizer, progress=False)
+        for name in ("quality", "labels", "examples"):
+            tables[name].append(out[name].assign(step=step))
+        for layer, g in out["labels"].groupby("layer"):
+            tables["shares"] += [pd.DataFrame([{"step": step, "layer": layer, "label": k, "share": v}
+                                               for k, v in label_shares(g, languages).items()])]
+    return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in tables.items()}
