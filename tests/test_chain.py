@@ -20,7 +20,7 @@ def test_tiny_chain_and_book(tmp_path):
     html = REPO / "_build" / "html"
     for chapter in ("00_overview", "01_data_tokenizer", "02_train_models", "03_fit_clts",
                     "04_shared_features", "05_language_features", "06_attribution_graphs",
-                    "07_language_interventions"):
+                    "07_language_interventions", "09_bilingual_saes", "10_lingua_franca_neurons"):
         page = html / "book" / "chapters" / f"{chapter}.html"
         assert page.exists(), f"{page} was not built"
     # executed chapters carry their figures as images, so the book reads without a kernel
@@ -30,6 +30,15 @@ def test_tiny_chain_and_book(tmp_path):
         assert not fetched_from_network(text), f"{page.name} fetches {fetched_from_network(text)}"
         for private in (str(REPO), str(tmp_path)):
             assert private not in text, f"{page.name} prints the build machine's path {private}"
+    # the bilingual run of chapter 09 holds its two languages and nothing else
+    from mlclt_utils import stages
+    from mlclt_utils.presets import bilingual_preset, load_preset
+
+    bi = bilingual_preset(load_preset("tiny"))
+    data = stages.load("data", bi, "tiny-bilingual", "en50", root=tmp_path / "artifacts")
+    assert data["languages"] == ["en", "ja"]
+    assert set(data["train"]["language"].unique().tolist()) == {0, 1}
+    assert set(data["validation"]) == set(data["test"]) == {"en", "ja"}
     # a rerun finds every stage up to date and repeats cleanly
     again = subprocess.run([sys.executable, "-m", "mlclt_utils.runner", "--preset", "tiny",
                             "--chapters", "01", "--no-build"],

@@ -135,7 +135,7 @@ def test_model_runs_once_per_batch_for_all_layers(model):
 
     for key in calls:
         calls[key] = 0
-    cfg = SAETrainingConfig(**CFG)
+    cfg = SAETrainingConfig(**CFG, init_tokens=0)     # (the decoder-bias start reads one more batch)
     with model.hooks(fwd_hooks=hooks):
         train_saes(model, rows, LAYERS, cfg, progress=False)
     assert all(calls[hook_name(l)] == calls["embed"] for l in LAYERS)
@@ -205,3 +205,16 @@ def test_progress_bar_and_dead_window(model, rows, capfd):
     assert quiet[0].cfg.metadata.num_dead_features == 0
     short = train_saes(model, rows, [0], SAETrainingConfig(**small, dead_window_tokens=128), progress=False)
     assert short[0].cfg.metadata.num_dead_features > 0
+
+
+def test_decoder_bias_starts_at_the_mean_activation(model, rows):
+    """With no training step the SAE is its initial state: its decoder bias is the mean of
+    the first init_tokens kept activations, computed here independently."""
+    cfg = SAETrainingConfig(**{**CFG, "train_tokens": 1, "batch_tokens": 1, "lr": 1e-12, "init_tokens": 100})
+    sae = train_saes(model, rows, [1], cfg, progress=False, return_training=True)[1]
+    _, cache = model.run_with_cache(rows[:16])
+    keep = kept_mask_by_hand(rows[:16])
+    want = cache[hook_name(1)][keep][:100].mean(0)
+    torch.testing.assert_close(sae.b_dec.detach(), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="init_tokens"):
+        SAETrainingConfig(d_sae=8, k=2, init_tokens=-1)

@@ -131,23 +131,20 @@ def test_fertility_table(small, tok):
 
 
 def test_marked_context_marks_whole_characters(tok):
-    from types import SimpleNamespace
+    from mlclt_utils.features.examples import marked_context
 
-    from mlclt_utils.features.examples import _marked_context
-
-    model = SimpleNamespace(tokenizer=tok)
     text = "emoji 🙂 and 漢字"
     ids = tok.encode(text, add_special_tokens=False)
     pieces = [tok.decode([i]) for i in ids]
     part = next(p for p, s in enumerate(pieces) if "\ufffd" in s)   # a byte of a character
-    marked = _marked_context(model, ids, part)
+    marked = marked_context(tok, ids, part)
     assert "\ufffd" not in marked and marked.replace("[[", "").replace("]]", "") == text
     inner = marked[marked.index("[[") + 2:marked.index("]]")]
     assert inner in ("🙂", "漢", "字")
     # a window cut inside a character cannot be re-encoded: marked piece by piece instead
     cut = ids[part + 1:]
     assert tok.encode(tok.decode(cut), add_special_tokens=False) != cut
-    assert _marked_context(model, cut, 0) == f"[[{pieces[part + 1]}]]{tok.decode(cut[1:])}"
+    assert marked_context(tok, cut, 0) == f"[[{pieces[part + 1]}]]{tok.decode(cut[1:])}"
 
 
 def test_token_texts_show_each_character_once(tok):

@@ -111,18 +111,18 @@ def label_shares(labels: pd.DataFrame, languages: Sequence[str]) -> dict[str, fl
             for lab in [*languages, BILINGUAL, SHARED_TOKENS]}
 
 
-def context_text(tokenizer, rows: Tensor, position: int, before: int = 8, after: int = 2) -> str:
-    """The text around flat ``position`` of ``rows``, the token itself marked ``[[ ]]``
-    (the book's convention, see ``viz.text``); special tokens left out."""
+def context_text(tokenizer, rows: Tensor, position: int, before: int = 30, after: int = 10) -> str:
+    """The text around flat ``position`` of ``rows``: ``before`` and ``after`` characters
+    around the token, which is marked ``[[ ]]`` (the book's convention, see ``viz.text``).
+    The whole row is decoded and marked first, so a byte piece of a character marks the
+    whole character; special tokens are left out."""
+    from .examples import marked_context
     from .language import N_SPECIAL
 
     T = rows.shape[1]
     r, t = divmod(int(position), T)
     ids = rows[r].tolist()
-
-    def keep(seq):
-        return [i for i in seq if i >= N_SPECIAL]
-    left = tokenizer.decode(keep(ids[max(1, t - before):t]))
-    mid = tokenizer.decode(keep([ids[t]]))
-    right = tokenizer.decode(keep(ids[t + 1:t + 1 + after]))
-    return f"{left}[[{mid}]]{right}"
+    kept = [i for i, tok in enumerate(ids) if tok >= N_SPECIAL or i == t]
+    text = marked_context(tokenizer, [ids[i] for i in kept], kept.index(t))
+    a, b = text.index("[["), text.index("]]") + 2
+    return text[max(0, a - before):a].lstrip() + text[a:b] + text[b:b + after].rstrip()

@@ -24,20 +24,21 @@ def _decode(model, ids: list[int]) -> str:
     return tok.decode(ids)
 
 
-def _marked_context(model, ids: list[int], pos: int) -> str:
+def marked_context(tokenizer, ids: list[int], pos: int) -> str:
     """The text of ``ids`` with token ``pos`` in [[ ]]. With a fast tokenizer the mark comes
     from re-encoding the text with character offsets, so a byte-level token that is only part
-    of a character (common in Chinese) marks that whole character instead of printing
-    replacement characters; the text is marked piecewise when re-encoding does not give
-    ``ids`` back (a window cut inside a character)."""
-    tok = getattr(model, "tokenizer", None)
-    if getattr(tok, "is_fast", False):
-        text = tok.decode(ids)
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    of a character (common in Chinese and Japanese) marks that whole character instead of
+    printing replacement characters; the text is marked piecewise when re-encoding does not
+    give ``ids`` back (a window cut inside a character). Without a tokenizer: the ids."""
+    if tokenizer is None:
+        return " ".join(str(i) for i in ids[:pos]) + f"[[{ids[pos]}]]" + " ".join(str(i) for i in ids[pos + 1:])
+    if getattr(tokenizer, "is_fast", False):
+        text = tokenizer.decode(ids)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if enc["input_ids"] == ids:
             a, b = enc["offset_mapping"][pos]
             return f"{text[:a]}[[{text[a:b]}]]{text[b:]}"
-    return f"{_decode(model, ids[:pos])}[[{_decode(model, [ids[pos]])}]]{_decode(model, ids[pos + 1:])}"
+    return f"{tokenizer.decode(ids[:pos])}[[{tokenizer.decode([ids[pos]])}]]{tokenizer.decode(ids[pos + 1:])}"
 
 
 @torch.no_grad()
@@ -100,7 +101,7 @@ def top_activating_examples(model, clt, tokens_by_lang: Mapping[str, Tensor], la
         right = ids[pos + 1:] if after is None else ids[pos + 1:pos + 1 + after]
         left, right = ([t for t in side if t not in (bos, pad_id)] for side in (left, right))
         token = _decode(model, [ids[pos]])
-        context = _marked_context(model, left + [ids[pos]] + right, len(left))
+        context = marked_context(getattr(model, "tokenizer", None), left + [ids[pos]] + right, len(left))
         out.append({"language": lang, "row": row, "position": pos, "activation": v,
                     "token": token, "context": context})
     return pd.DataFrame(out, columns=["language", "row", "position", "activation", "token",

@@ -359,6 +359,60 @@ def switch_matrix_figure(matrix: pd.DataFrame, title: str):
     return fig
 
 
+# ---- chapter 09 -------------------------------------------------------------------------
+
+def latent_language_figure(shares: pd.DataFrame, languages: Sequence[str]):
+    """Share of live SAE latents that are one language's only or bilingual, against training
+    step: one panel per layer position (column ``position``: first / middle / last), one
+    colour per label, one line style per model (column ``model``)."""
+    positions = list(dict.fromkeys(shares["position"]))
+    fig, axes = panels(len(positions), per_row=3, height=2.7, sharey=True)
+    colours = {**{l: language_colour(l) for l in languages}, "bilingual": "#9467bd"}
+    styles = {m: s for m, s in zip(dict.fromkeys(shares["model"]), ["-", "--", ":", "-."])}
+    for ax, pos in zip(axes, positions):
+        part = shares[shares["position"] == pos]
+        for (model, label), g in part.groupby(["model", "label"], sort=False):
+            if label not in colours:
+                continue
+            g = g.sort_values("step")
+            ax.plot(g["step"], g["share"], marker="o", ms=3, color=colours[label], ls=styles[model],
+                    label=f"{language_label(label) if label in languages else label}, {model}")
+        ax.set_xscale("log")
+        ax.set_title(f"{pos} layer", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("share of live latents")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
+    return fig
+
+
+def stitching_figure(summary: pd.DataFrame, languages: Sequence[str], title: str):
+    """Change of the early checkpoint's loss when latents of the final model are added to
+    its residual stream: one panel per layer position (column ``position``), one bar group
+    per condition, one bar per language, 95 % confidence intervals over text batches."""
+    positions = list(dict.fromkeys(summary["position"]))
+    conditions = ["bilingual", "monolingual", "random"]
+    fig, axes = panels(len(positions), per_row=3, height=2.7, sharey=True)
+    width = 0.8 / len(languages)
+    for ax, pos in zip(axes, positions):
+        part = summary[summary["position"] == pos].set_index(["condition", "language"])
+        for j, lang in enumerate(languages):
+            x = np.arange(len(conditions)) + (j - (len(languages) - 1) / 2) * width
+            m = [part.loc[(c, lang), "loss_change"] if (c, lang) in part.index else np.nan for c in conditions]
+            lo = [part.loc[(c, lang), "low"] if (c, lang) in part.index else np.nan for c in conditions]
+            hi = [part.loc[(c, lang), "high"] if (c, lang) in part.index else np.nan for c in conditions]
+            ax.bar(x, m, width, color=language_colour(lang), label=language_label(lang),
+                   yerr=[np.subtract(m, lo), np.subtract(hi, m)], capsize=2)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xticks(range(len(conditions)), conditions, rotation=20, fontsize=8)
+        ax.set_title(f"{pos} layer", fontsize=10)
+    axes[0].set_ylabel("loss change (nats)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=10)
+    return fig
+
+
 # ---- chapter 10 -------------------------------------------------------------------------
 
 def similarity_figure(sim: np.ndarray, languages: Sequence[str], title: str = ""):

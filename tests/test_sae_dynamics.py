@@ -1,0 +1,166 @@
+"""Chapter 09: top contexts and the language of a unit on planted latents; stitching
+mechanics on tiny random models and a SAELens SAE."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mlclt_utils.features.activations import SAELatents, UnitSource
+from mlclt_utils.features.contexts import label_shares, top_contexts, unit_languages
+from mlclt_utils.features.language import TokenLanguages
+from mlclt_utils.models.config import build_model, model_config
+from mlclt_utils.sae.dynamics import sae_layers
+from mlclt_utils.sae.stitch import latent_output, stitched_loss, stitching_summary, stitching_table
+from mlclt_utils.sae.train import SAETrainingConfig, train_saes
+from mlclt_utils.tokenizer import BOS_ID, PAD_ID
+
+VOCAB = 40
+EN, JA, SHARED = list(range(10, 20)), list(range(20, 30)), [30, 31]
+
+
+def token_languages():
+    counts = np.zeros((2, VOCAB), dtype=int)
+    counts[0, EN] = 50
+    counts[1, JA] = 50
+    counts[:, SHARED] = 50
+    return TokenLanguages(["en", "ja"], counts)
+
+
+class Planted(UnitSource):
+    """Six units on token ids: 0 fires on English tokens, 1 on Japanese ones, 2 on both,
+    3 never, 4 on shared tokens; 5 fires at 1.0 on one English token and at 0.5 on every
+    Japanese one (its contexts are only those >= 0.7 x max)."""
+
+    def __init__(self):
+        super().__init__(torch.nn.Linear(1, 1))
+
+    @property
+    def n_layers(self):
+        return 1
+
+    def activations(self, tokens):
+        t = tokens
+        en = torch.isin(t, torch.tensor(EN)).float()
+        ja = torch.isin(t, torch.tensor(JA)).float()
+        sh = torch.isin(t, torch.tensor(SHARED)).float()
+        vary = 1 + (t % 7).float() / 10                    # distinct values for a strict order
+        u5 = 0.5 * ja + (t == EN[0]).float()
+        return [torch.stack([en * vary, ja * vary, (en + ja) * vary, 0 * t.float(), sh * vary, u5], -1)]
+
+
+def planted_rows(n=30, T=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(10, 32, (n, T), generator=g)
+    rows[:, 0] = BOS_ID
+    rows[::4, -3:] = PAD_ID
+    rows[1, 3] = EN[0]
+    return rows
+
+
+def test_top_contexts_stream_equals_a_full_sort():
+    rows = planted_rows()
+    src = Planted()
+    top = top_contexts(src, rows, top=7, batch_size=4)[0]
+    acts = src.activations(rows)[0].reshape(-1, 6)
+    keep = ((rows != BOS_ID) & (rows != PAD_ID)).reshape(-1)
+    acts[~keep] = -float("inf")
+    want = acts.sort(0, descending=True).values[:7]
+    torch.testing.assert_close(top.values, want)
+    # the positions point at the activations they claim
+    for u in range(6):
+        assert torch.equal(acts[top.positions[:, u], u], top.values[:, u])
+        assert keep[top.positions[:, u]][torch.isfinite(top.values[:, u])].all()
+
+
+def test_unit_languages_labels_planted_units():
+    rows = planted_rows()
+    top = top_contexts(Planted(), rows, top=50, batch_size=8)[0]
+    lab = unit_languages(top, rows, token_languages(), ["en", "ja"], ratio=0.7, share=0.9).set_index("unit")
+    assert lab["label"].tolist() == ["en", "ja", "bilingual", "dead", "shared", "en"]
+    assert lab.loc[0, "share_en"] == 1.0 and lab.loc[1, "share_ja"] == 1.0
+    assert 0.1 <= lab.loc[2, "share_en"] <= 0.9
+    keep = (rows != BOS_ID) & (rows != PAD_ID)
+    keep[:, 0] = False
+    # unit 5: only its contexts at its maximum (the English token), none of the Japanese ones at 0.5
+    assert lab.loc[5, "contexts"] == int(((rows == EN[0]) & keep).sum()) > 0
+    assert lab.loc[3, "contexts"] == 0
+    shares = label_shares(lab.reset_index(), ["en", "ja"])
+    assert shares == pytest.approx({"en": 0.4, "ja": 0.2, "bilingual": 0.2, "shared": 0.2})
+    with pytest.raises(ValueError, match="share"):
+        unit_languages(top, rows, token_languages(), ["en", "ja"], share=0.3)
+
+
+def test_sae_layers_are_first_middle_last():
+    assert sae_layers(4) == [0, 2, 3] and sae_layers(3) == [0, 1, 2] and sae_layers(2) == [0, 1]
+
+
+# ------------------------------------------------------------------------ stitching -----
+
+@pytest.fixture(scope="module")
+def models_and_sae():
+    size = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64}
+    final = build_model(model_config(size, 12, VOCAB, seed=1)).eval()
+    early = build_model(model_config(size, 12, VOCAB, seed=2)).eval()
+    rows = planted_rows(40)
+    sae = train_saes(final, rows, [1], SAETrainingConfig(d_sae=64, k=8, train_tokens=3000,
+                                                        batch_tokens=128, lr=3e-3), progress=False)[1]
+    return final, early, sae
+
+
+def test_stitching_an_empty_selection_changes_nothing(models_and_sae):
+    final, early, sae = models_and_sae
+    tokens = planted_rows(6, seed=3)
+    base = stitched_loss(early, final, sae, 1, tokens, None)
+    assert stitched_loss(early, final, sae, 1, tokens, [], "add") == pytest.approx(base, abs=1e-6)
+    assert stitched_loss(early, final, sae, 1, tokens, [0, 5, 9], "add") != pytest.approx(base, abs=1e-6)
+
+
+def test_substituting_every_latent_gives_the_reconstruction_loss(models_and_sae):
+    final, early, sae = models_and_sae
+    tokens = planted_rows(6, seed=4)
+    got = stitched_loss(early, final, sae, 1, tokens, list(range(sae.cfg.d_sae)), "substitute")
+    # independent reference: SAELens's own forward pass on the final model's state
+    name = "blocks.1.hook_resid_post"
+    _, cache = final.run_with_cache(tokens, names_filter=[name])
+    with torch.no_grad():
+        recon = sae(cache[name])
+    keep = ((tokens != BOS_ID) & (tokens != PAD_ID))[..., None]
+    logits = early.run_with_hooks(tokens, fwd_hooks=[(name, lambda r, hook: torch.where(keep, recon, r))])
+    targets = tokens[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="none")
+    mask = (targets != PAD_ID).flatten().float()
+    assert got == pytest.approx(float((loss * mask).sum() / mask.sum()), rel=1e-5)
+
+
+def test_latent_output_adds_up_over_a_split_selection(models_and_sae):
+    _, _, sae = models_and_sae
+    h = torch.randn(5, 32)
+    a, b = [1, 2, 3], [10, 20]
+    torch.testing.assert_close(latent_output(sae, h, a + b, False),
+                               latent_output(sae, h, a, False) + latent_output(sae, h, b, False))
+
+
+def test_stitching_table_and_summary(models_and_sae):
+    final, early, sae = models_and_sae
+    labels = pd.DataFrame({"unit": np.arange(64),
+                           "label": (["bilingual"] * 4 + ["en"] * 20 + ["ja"] * 20 + ["dead"] * 20)})
+    batches = {"en": [planted_rows(4, seed=s) for s in (5, 6, 7)], "ja": [planted_rows(4, seed=s) for s in (8, 9, 10)]}
+    t = stitching_table(early, final, sae, 1, batches, labels, ["en", "ja"], seed=0)
+    assert set(t["condition"]) == {"none", "bilingual", "monolingual", "random", "all"}
+    assert (t[t["condition"].isin(["bilingual", "monolingual", "random"])]["latents"] == 4).all()
+    s = stitching_summary(t.assign(layer=1, step=5))
+    row = s[(s["condition"] == "bilingual") & (s["mode"] == "add") & (s["language"] == "en")].iloc[0]
+    base = t[(t["condition"] == "none") & (t["language"] == "en")]["loss"].to_numpy()
+    mine = t[(t["condition"] == "bilingual") & (t["mode"] == "add") & (t["language"] == "en")]["loss"].to_numpy()
+    assert row["loss_change"] == pytest.approx(float((mine - base).mean()))
+    assert row["low"] <= row["loss_change"] <= row["high"] and row["batches"] == 3
+
+
+def test_sae_latents_source_reads_the_saes_layers(models_and_sae):
+    final, _, sae = models_and_sae
+    tokens = planted_rows(3, seed=11)
+    src = SAELatents(final, {1: sae})
+    assert src.n_layers == 1 and src.hook(0) == "blocks.1.hook_resid_post"
+    _, cache = final.run_with_cache(tokens)
+    torch.testing.assert_close(src.activations(tokens)[0], sae.encode(cache["blocks.1.hook_resid_post"]))
