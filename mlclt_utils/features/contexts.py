@@ -123,6 +123,15 @@ def context_text(tokenizer, rows: Tensor, position: int, before: int = 30, after
     r, t = divmod(int(position), T)
     ids = rows[r].tolist()
     kept = [i for i, tok in enumerate(ids) if tok >= N_SPECIAL or i == t]
-    text = marked_context(tokenizer, [ids[i] for i in kept], kept.index(t))
+    window, at = [ids[i] for i in kept], kept.index(t)
+    # a row cut from a token stream can start or end inside a character, and then its text
+    # does not re-encode to its ids; drop up to three byte pieces at either end
+    if getattr(tokenizer, "is_fast", False):
+        for a, b in ((a, b) for a in range(min(4, at + 1)) for b in range(4)):
+            part = window[a:len(window) - b]
+            if at - a < len(part) and tokenizer(tokenizer.decode(part), add_special_tokens=False, verbose=False)["input_ids"] == part:
+                window, at = part, at - a
+                break
+    text = marked_context(tokenizer, window, at)
     a, b = text.index("[["), text.index("]]") + 2
     return text[max(0, a - before):a].lstrip() + text[a:b] + text[b:b + after].rstrip()

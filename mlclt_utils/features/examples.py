@@ -34,7 +34,7 @@ def marked_context(tokenizer, ids: list[int], pos: int) -> str:
         return " ".join(str(i) for i in ids[:pos]) + f"[[{ids[pos]}]]" + " ".join(str(i) for i in ids[pos + 1:])
     if getattr(tokenizer, "is_fast", False):
         text = tokenizer.decode(ids)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         if enc["input_ids"] == ids:
             a, b = enc["offset_mapping"][pos]
             return f"{text[:a]}[[{text[a:b]}]]{text[b:]}"

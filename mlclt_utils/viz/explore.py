@@ -312,7 +312,7 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
     ids = [int(i) for i in ids]
     if getattr(tokenizer, "is_fast", False):
         text = tokenizer.decode(ids)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         if enc["input_ids"] == ids:
             out, seen = [], 0
             for a, b in enc["offset_mapping"]:
