@@ -151,7 +151,7 @@ _BASE: dict[str, Any] = {
         },
         "tokens": 150_000,             # training tokens per model
         "n_checkpoints": 5,            # log-spaced checkpoints plus the final one
-        "sae_checkpoints": 3,          # SAEs on the last this many kept checkpoints
+        "sae_checkpoints": None,       # SAEs on the last this many kept checkpoints (None: all)
         # latents = sae_expansion x d_model, sae_k active (the paper: 16 and 32 at d_model 2048).
         # Scaled down for small models: on the small preset's s model (d_model 96) 16x left
         # 75-93 % of latents dead whatever k, lr or length, about 300 live ones; 4x with k 32
@@ -206,7 +206,7 @@ PRESETS: dict[str, dict] = {
         "neurons": {"max_rows": 300, "ablation_tokens": 8192},
         "bilingual": {"sizes": {"s": {"n_layers": 4, "d_model": 96, "n_heads": 3, "d_mlp": 384},
                                 "m": {"n_layers": 4, "d_model": 192, "n_heads": 6, "d_mlp": 768}},
-                      "tokens": 600_000, "n_checkpoints": 6, "sae_checkpoints": 4, "sae_k": 32,
+                      "tokens": 600_000, "n_checkpoints": 6, "sae_k": 32,
                       "sae_tokens": 60_000, "sae_batch_tokens": 512, "sae_dead_window_tokens": 5000,
                       "context_rows": 400,
                       "stitch_batches": 8, "stitch_rows": 16},

@@ -829,7 +829,9 @@ def _build_saes(ctx: BuildContext):
     by_lang = {lang: train["tokens"][train["language"] == i] for i, lang in enumerate(data["languages"])}
     vocab = ctx.preset["tokenizer"]["vocab_size"]
     token_languages = TokenLanguages.from_token_rows({l: r for l, r in by_lang.items() if len(r)}, vocab)
-    steps = checkpoint_steps(stage("models", ctx.run, ctx.key, ctx.root).path)[-cfg["sae_checkpoints"]:]
+    steps = checkpoint_steps(stage("models", ctx.run, ctx.key, ctx.root).path)
+    if cfg["sae_checkpoints"]:
+        steps = steps[-int(cfg["sae_checkpoints"]):]
     tables = bilingual_dynamics(lambda step: ctx.input("models", ctx.key, step=step), steps, train["tokens"],
                                 _context_rows(data, cfg["languages"], cfg["context_rows"]), token_languages,
                                 cfg, cfg["seed"], ctx.stage.file("saes"), tokenizer=ctx.input("tokenizer"),
@@ -858,8 +860,9 @@ register(StageKind("saes", "09", _saes_config,
 
 
 def _build_stitching(ctx: BuildContext):
-    """Bilingual, monolingual and random latents of the final model's SAEs stitched into each
-    earlier SAE checkpoint, per layer and language, over text batches of the test split."""
+    """Bilingual, monolingual and random latents of the final model's SAEs stitched into the
+    SAE checkpoints between the first and the final one (mid-training), per layer and
+    language, over text batches of the test split."""
     from .sae.dynamics import sae_folder
     from .sae.stitch import stitching_table
     from .sae.train import load_sae
@@ -874,7 +877,10 @@ def _build_stitching(ctx: BuildContext):
                       if len(data["test"][lang][i * n:(i + 1) * n])] for lang in cfg["languages"]}
     labels = saes["labels"]
     parts = []
-    for step in steps[:-1]:
+    targets = steps[1:-1] or steps[:-1]
+    if not targets:
+        raise ValueError(f"stitching needs an SAE checkpoint before the final one; {ctx.key} has {steps}")
+    for step in targets:
         target = ctx.input("models", ctx.key, step=step)
         for layer in sorted(labels["layer"].unique()):
             sae = load_sae(sae_folder(saes["folder"], steps[-1], int(layer)))

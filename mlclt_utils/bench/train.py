@@ -4,6 +4,7 @@
     python -m mlclt_utils.bench train [--steps 20]   # model training speed, tiny and small presets
     python -m mlclt_utils.bench clt ...              # CLT training speed (mlclt_utils.bench.clt)
     python -m mlclt_utils.bench attribution ...      # seconds and memory per attribution graph
+    python -m mlclt_utils.bench sae ...              # SAE training tokens/s, book path vs SAELens per SAE
 
 The training benchmark runs the same step function as ``models.train_model`` on random
 tokens, at the model sizes of the presets, and reports tokens/s, achieved GFLOP/s and
@@ -167,8 +168,12 @@ def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlclt_utils.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "peak", "clt", "attribution"])
+    parser.add_argument("command", choices=["train", "peak", "clt", "attribution", "sae"])
     args, rest = parser.parse_known_args(argv)
+    if args.command == "sae":
+        from .sae import main as sae_main
+
+        return sae_main(rest)
     if args.command == "attribution":
         from .attribution import main as attribution_main
 

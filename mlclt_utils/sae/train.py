@@ -236,6 +236,23 @@ def _rng_devices(device: str) -> list[int]:
     return []
 
 
+def trainer_config(cfg: SAETrainingConfig, device: str = "cpu"):
+    """SAELens's ``SAETrainerConfig`` for ``cfg``: constant learning rate, no checkpoints, no
+    evaluator, no wandb."""
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    trainer_kwargs = {}
+    if cfg.dead_feature_window_steps is not None:
+        trainer_kwargs["dead_feature_window"] = cfg.dead_feature_window_steps
+    return SAETrainerConfig(
+        total_training_samples=cfg.train_tokens, train_batch_size_samples=cfg.batch_tokens,
+        # lr_end must be given (the runner configs set it to lr / 10 in __post_init__; the bare
+        # SAETrainerConfig does not, and SAETrainer asserts it); unused by the constant schedule
+        lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="constant", device=str(device), autocast=False,
+        n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
+        logger=LoggingConfig(log_to_wandb=False), **trainer_kwargs)
+
+
 def train_saes(model, rows: Tensor, layers: list[int], cfg: SAETrainingConfig,
                device: str = "cpu", progress: bool = True, return_training: bool = False) -> dict:
     """Train one TopK SAE per layer in ``layers`` on the residual stream of ``model``.
@@ -250,7 +267,6 @@ def train_saes(model, rows: Tensor, layers: list[int], cfg: SAETrainingConfig,
     Returns ``{layer: SAE}``: SAELens inference ``TopKSAE``s (``return_training=True``: the
     ``TopKTrainingSAE``s as the trainer left them).
     """
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training import multi_sae_trainer
     from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
@@ -261,15 +277,7 @@ def train_saes(model, rows: Tensor, layers: list[int], cfg: SAETrainingConfig,
     device = str(device)
     names = {f"layer_{l}": hook_name(l) for l in layers}
 
-    trainer_kwargs = {}
-    if cfg.dead_feature_window_steps is not None:
-        trainer_kwargs["dead_feature_window"] = cfg.dead_feature_window_steps
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=cfg.train_tokens, train_batch_size_samples=cfg.batch_tokens,
-        # lr_end must be given (the runner configs set it to lr / 10 in __post_init__; the bare
-        # SAETrainerConfig does not, and SAETrainer asserts it); unused by the constant schedule
-        lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="constant", device=device, autocast=False, n_checkpoints=0, checkpoint_path=None,
-        save_final_checkpoint=False, logger=LoggingConfig(log_to_wandb=False), **trainer_kwargs)
+    trainer_cfg = trainer_config(cfg, device)
 
     quiet = nullcontext() if progress else mock.patch.object(
         multi_sae_trainer, "tqdm", partial(multi_sae_trainer.tqdm, disable=True))
