@@ -808,9 +808,20 @@ register(StageKind("neurons", "10", _neurons_config,
 # These kinds live in the bilingual run ("<run>-bilingual", presets.bilingual_preset), whose
 # corpus, tokenizer, data and models are built by the kinds above.
 
+SAE_KEYS = ("sae_checkpoints", "sae_expansion", "sae_k", "sae_tokens", "sae_batch_tokens", "sae_lr",
+            "sae_dead_window_tokens", "context_rows", "top_contexts", "context_ratio", "language_share")
+
+
 def _saes_config(preset, key) -> dict:
+    bi = preset["bilingual"]
     return {"model_name": key, "languages": list(preset["corpus"]["languages"]),
-            "seed": preset["seed"], **preset["bilingual"]}
+            "seed": preset["seed"], **{k: bi[k] for k in SAE_KEYS}}
+
+
+def _stitching_config(preset, key) -> dict:
+    bi = preset["bilingual"]
+    return {"model_name": key, "languages": list(preset["corpus"]["languages"]), "seed": preset["seed"],
+            "stitch_batches": bi["stitch_batches"], "stitch_rows": bi["stitch_rows"]}
 
 
 def _context_rows(data, languages, n) -> dict:
@@ -892,7 +903,7 @@ def _build_stitching(ctx: BuildContext):
     _write_tables(ctx.stage, {"stitching": pd.concat(parts, ignore_index=True)})
 
 
-register(StageKind("stitching", "09", _saes_config,
+register(StageKind("stitching", "09", _stitching_config,
                    lambda p, k: [("data", model_mixture(k)), ("models", k), ("saes", k)],
                    _build_stitching, lambda st: _load_tables(st, ("stitching",))["stitching"],
                    keys=lambda p: size_models(p)[:1]))
