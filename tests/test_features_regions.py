@@ -225,3 +225,32 @@ def test_ablation_table_has_key_and_random_rows(tiny_model):
     assert len(s) == 4 and s["random_sd"].notna().all()
     row = t[(t["kind"] == "key") & (t["ablated"] == "fr") & (t["language"] == "en")].iloc[0]
     assert row["loss"] == pytest.approx(language_losses(tiny_model, sets, {1: [7]})["en"])
+
+
+def test_neurons_stage_on_the_micro_chain(chain_copy):
+    """Chapter 10's stage: scores for every checkpoint and the CLT, ablation rows for every
+    language with key neurons, and a rebuild from scratch gives the same tables."""
+    import shutil
+
+    from conftest import RUN, micro_preset
+    from mlclt_utils import stages
+    from mlclt_utils.models.load import checkpoint_steps
+
+    preset = micro_preset(**{"features.max_rows": 20, "neurons.max_rows": 12, "neurons.display_rows": 5,
+                             "neurons.ablation_tokens": 128, "neurons.ablation_draws": 2})
+    stages.build("unit_stats", preset, RUN, "s-en50", chain_copy, progress=False)
+    st = stages.build("neurons", preset, RUN, "s-en50", chain_copy, progress=False)
+    out = stages.load("neurons", preset, RUN, "s-en50", chain_copy)
+    steps = checkpoint_steps(stages.stage("models", RUN, "s-en50", chain_copy).path)
+    mlp = out["scores"][out["scores"]["unit"] == "mlp"]
+    assert sorted(mlp["step"].unique()) == steps and set(mlp["layer"]) == {"all", "0", "1"}
+    assert (out["scores"]["unit"] == "clt").sum() == 3
+    assert out["similarity"]["mlp"].shape == (10, 10)
+    langs = set(out["key_units"]["language"])
+    assert set(out["ablation"]["ablated"]) == langs
+    first = {k: out[k].copy() for k in ("scores", "key_units", "ablation")}
+    shutil.rmtree(st.path)
+    stages.build("neurons", preset, RUN, "s-en50", chain_copy, progress=False)
+    again = stages.load("neurons", preset, RUN, "s-en50", chain_copy)
+    for k, df in first.items():
+        pd.testing.assert_frame_equal(df, again[k])

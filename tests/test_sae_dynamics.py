@@ -85,6 +85,10 @@ def test_unit_languages_labels_planted_units():
     # unit 5: only its contexts at its maximum (the English token), none of the Japanese ones at 0.5
     assert lab.loc[5, "contexts"] == int(((rows == EN[0]) & keep).sum()) > 0
     assert lab.loc[3, "contexts"] == 0
+    # independent count of unit 0's most common position among its contexts
+    chosen = top.values[:, 0] >= 0.7 * top.values[0, 0]
+    pos = (top.positions[:, 0][chosen] % rows.shape[1]).tolist()
+    assert lab.loc[0, "position_share"] == pytest.approx(max(pos.count(p) for p in pos) / len(pos))
     shares = label_shares(lab.reset_index(), ["en", "ja"])
     assert shares == pytest.approx({"en": 0.4, "ja": 0.2, "bilingual": 0.2, "shared": 0.2})
     with pytest.raises(ValueError, match="share"):
@@ -164,3 +168,35 @@ def test_sae_latents_source_reads_the_saes_layers(models_and_sae):
     assert src.n_layers == 1 and src.hook(0) == "blocks.1.hook_resid_post"
     _, cache = final.run_with_cache(tokens)
     torch.testing.assert_close(src.activations(tokens)[0], sae.encode(cache["blocks.1.hook_resid_post"]))
+
+
+# ---------------------------------------------------------------------- the stages -----
+
+def test_sae_stage_saves_saelens_folders_that_reproduce_its_labels(chain_copy):
+    """The saes stage on the micro chain (its model stands in for a bilingual one): every SAE
+    reloads with SAELens's own loader, and the reloaded SAEs give back the stored labels."""
+    from sae_lens import SAE
+
+    from conftest import RUN, micro_preset
+    from mlclt_utils import stages
+    from mlclt_utils.models.load import checkpoint_steps
+    from mlclt_utils.sae.dynamics import sae_folder
+
+    preset = micro_preset(**{"bilingual.languages": ["en", "fr"], "bilingual.sae_tokens": 2000,
+                             "bilingual.sae_batch_tokens": 128, "bilingual.context_rows": 6,
+                             "bilingual.sae_k": 4, "bilingual.stitch_batches": 2, "bilingual.stitch_rows": 2})
+    stages.build("saes", preset, RUN, "s-en50", chain_copy, progress=False)
+    out = stages.load("saes", preset, RUN, "s-en50", chain_copy)
+    steps = checkpoint_steps(stages.stage("models", RUN, "s-en50", chain_copy).path)
+    assert out["steps"] == steps and sorted(out["labels"]["layer"].unique()) == [0, 1]
+    data = stages.load("data", preset, RUN, "en50", chain_copy)
+    rows = torch.cat([data["validation"][l][:6] for l in ["en", "fr"]])
+    model = stages.load("models", preset, RUN, "s-en50", chain_copy, step=steps[-1])
+    saes = {l: SAE.load_from_disk(sae_folder(out["folder"], steps[-1], l)) for l in (0, 1)}
+    for i, top in enumerate(top_contexts(SAELatents(model, saes), rows, 50, 32)):
+        again = unit_languages(top, rows, out["token_languages"], ["en", "fr"], 0.7, 0.9)
+        stored = out["labels"][(out["labels"]["step"] == steps[-1]) & (out["labels"]["layer"] == i)]
+        assert again["label"].tolist() == stored["label"].tolist()
+    stages.build("stitching", preset, RUN, "s-en50", chain_copy, progress=False)
+    table = stages.load("stitching", preset, RUN, "s-en50", chain_copy)
+    assert set(table["step"]) == set(steps[1:-1]) and set(table["language"]) == {"en", "fr"}

@@ -72,7 +72,8 @@ def unit_languages(contexts: TopContexts, rows: Tensor, token_languages, languag
                    ratio: float = 0.7, share: float = 0.9) -> pd.DataFrame:
     """Language label of every unit from its top contexts (see the module docstring).
 
-    Columns: ``unit, label, contexts, max_activation`` and ``share_<lang>`` for each of
+    Columns: ``unit, label, contexts, max_activation``, ``position_share`` (share of the
+    contexts at the unit's most common position in the row) and ``share_<lang>`` for each of
     ``languages`` (share of the unit's contexts whose token is of that language)."""
     if not 0 < ratio <= 1 or not 0.5 <= share < 1:
         raise ValueError(f"ratio must be in (0, 1] and share in [0.5, 1), got {ratio}, {share}")
@@ -95,8 +96,15 @@ def unit_languages(contexts: TopContexts, rows: Tensor, token_languages, languag
     for lang in languages:
         label[shares[lang] > share] = lang
     label[~alive] = DEAD
+    # share of the contexts at the unit's most common position in the row: near 1 for a unit
+    # that tracks position rather than content (common in barely trained models)
+    T = rows.shape[1]
+    at = np.where(chosen, positions % T, -1)
+    top_position = np.array([np.bincount(at[chosen[:, u], u], minlength=T).max() if n[u] else 0
+                             for u in range(len(n))])
     out = pd.DataFrame({"unit": np.arange(len(n)), "label": label, "contexts": n,
-                        "max_activation": np.where(alive, top_value, 0.0)})
+                        "max_activation": np.where(alive, top_value, 0.0),
+                        "position_share": np.divide(top_position, n, out=np.zeros(len(n)), where=n > 0)})
     for lang in languages:
         out[f"share_{lang}"] = shares[lang]
     return out
