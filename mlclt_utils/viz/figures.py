@@ -367,7 +367,7 @@ def latent_language_figure(shares: pd.DataFrame, languages: Sequence[str]):
     colour per label, one line style per model (column ``model``)."""
     positions = list(dict.fromkeys(shares["position"]))
     fig, axes = panels(len(positions), per_row=3, height=2.7, sharey=True)
-    colours = {**{l: language_colour(l) for l in languages}, "bilingual": "#9467bd"}
+    colours = {**{l: language_colour(l) for l in languages}, "bilingual": "#17becf"}   # no language uses cyan
     styles = {m: s for m, s in zip(dict.fromkeys(shares["model"]), ["-", "--", ":", "-."])}
     for ax, pos in zip(axes, positions):
         part = shares[shares["position"] == pos]
@@ -415,18 +415,22 @@ def stitching_figure(summary: pd.DataFrame, languages: Sequence[str], title: str
 
 # ---- chapter 10 -------------------------------------------------------------------------
 
-def similarity_figure(sim: np.ndarray, languages: Sequence[str], title: str = ""):
+def similarity_figure(sim: np.ndarray, languages: Sequence[str], title: str = "", meaning_rows: int = 12):
     """The cosine-similarity matrix of activation patterns twice: rows ordered by language
-    (blocks along the diagonal = language regions) and by meaning (each sentence's
-    translations side by side; blocks = semantic alignment). ``sim`` has the languages in
-    blocks of equal size, in the order of ``languages``."""
+    (blocks along the diagonal = language regions) and by meaning for the first
+    ``meaning_rows`` sentences (each sentence's translations side by side; bright blocks =
+    semantic alignment). ``sim`` has the languages in blocks of equal size, in the order of
+    ``languages``."""
     from .style import colour_bar
 
     n_lang = len(languages)
     rows = sim.shape[0] // n_lang
     if rows * n_lang != sim.shape[0]:
         raise ValueError(f"a {sim.shape[0]}-row matrix cannot hold {n_lang} languages in equal blocks")
-    by_meaning = np.arange(sim.shape[0]).reshape(n_lang, rows).T.ravel()
+    # by meaning: the first few sentences only, so that each sentence's block of translations
+    # (n_lang x n_lang) is visible
+    shown = min(rows, meaning_rows)
+    by_meaning = np.arange(sim.shape[0]).reshape(n_lang, rows)[:, :shown].T.ravel()
     fig, axes = panels(2, height=3.3)
     lo, hi = np.percentile(sim, 1), np.percentile(sim, 99.5)
     for ax, order, label in ((axes[0], np.arange(sim.shape[0]), "ordered by language"),
@@ -439,8 +443,10 @@ def similarity_figure(sim: np.ndarray, languages: Sequence[str], title: str = ""
             ax.set_xticks(ticks, [language_label(l) for l in languages], rotation=90, fontsize=8)
             ax.set_yticks(ticks, [language_label(l) for l in languages], fontsize=8)
         else:
-            ax.set_xticks([]); ax.set_yticks([])
-            ax.set_xlabel(f"{rows} sentences × {n_lang} languages")
+            ticks = [n_lang * i + n_lang / 2 - 0.5 for i in range(shown)]
+            ax.set_xticks(ticks, [str(i + 1) for i in range(shown)], fontsize=7)
+            ax.set_yticks([])
+            ax.set_xlabel(f"sentence (its {n_lang} translations side by side)")
     colour_bar(fig, im, axes[1], "cosine similarity")
     if title:
         fig.suptitle(title, x=0.01, ha="left", fontsize=10)
@@ -500,9 +506,9 @@ def ablation_figure(summary: pd.DataFrame, languages: Sequence[str], title: str)
     language's key neurons are zeroed, minus the mean change for random neurons."""
     m = (summary.pivot(index="ablated", columns="language", values="excess")
          .reindex(index=[l for l in languages if l in set(summary["ablated"])], columns=languages))
-    fig, ax = _annotated_matrix(100 * m.to_numpy(dtype=float), [language_label(l) for l in m.columns],
+    fig, ax = _annotated_matrix(100 * m.to_numpy(dtype=float), list(m.columns),
                                 [language_label(l) for l in m.index], "{:+.1f}",
-                                "loss change beyond random neurons (%)")
+                                "loss change beyond\nrandom neurons (%)")
     ax.set_xlabel("language evaluated")
     ax.set_ylabel("key neurons zeroed")
     ax.set_title(title, loc="left")
