@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
+from unittest import mock
 
 import torch
 
@@ -28,6 +30,7 @@ def run(presets, threads: int | None) -> None:
     from ..sae.dynamics import sae_layers, training_config
     from ..sae.train import _training_sae, hook_name, stream_activations, train_saes, trainer_config
     from ..tokenizer import BOS_ID
+    from sae_lens.training import sae_trainer
     from sae_lens.training.sae_trainer import SAETrainer
 
     if threads:
@@ -68,7 +71,8 @@ def run(presets, threads: int | None) -> None:
                 sae = _training_sae(size["d_model"], scfg, l, model, n_ctx, "cpu")
                 trainer = SAETrainer(cfg=trainer_config(scfg), sae=sae, data_provider=batches)
                 t = time.perf_counter()
-                trainer.fit()
+                with mock.patch.object(sae_trainer, "tqdm", partial(sae_trainer.tqdm, disable=True)):
+                    trainer.fit()
                 spent += time.perf_counter() - t
             single = len(layers) * scfg.train_tokens / spent
             print(f"{name:7s} {size_name:4s} {size['d_model']:7d} {scfg.d_sae:6d} {scfg.k:3d} "
