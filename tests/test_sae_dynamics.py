@@ -127,10 +127,10 @@ def test_substituting_every_latent_gives_the_reconstruction_loss(models_and_sae)
     # independent reference: SAELens's own forward pass on the final model's state
     name = "blocks.1.hook_resid_post"
     _, cache = final.run_with_cache(tokens, names_filter=[name])
+    keep = ((tokens != BOS_ID) & (tokens != PAD_ID))[..., None]
     with torch.no_grad():
         recon = sae(cache[name])
-    keep = ((tokens != BOS_ID) & (tokens != PAD_ID))[..., None]
-    logits = early.run_with_hooks(tokens, fwd_hooks=[(name, lambda r, hook: torch.where(keep, recon, r))])
+        logits = early.run_with_hooks(tokens, fwd_hooks=[(name, lambda r, hook: torch.where(keep, recon, r))])
     targets = tokens[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="none")
     mask = (targets != PAD_ID).flatten().float()
