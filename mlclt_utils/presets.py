@@ -224,6 +224,14 @@ PRESETS: dict[str, dict] = {
                      "eval_every": 500, "eval_tokens_per_language": 65_536},
         "clt": {"features_per_layer": 8192, "train_tokens": 20_000_000, "batch_tokens": 4096,
                 "buffer_tokens": 1_048_576, "eval_tokens": 131_072, "lr": 2e-4 * 4},
+        "neurons": {"max_rows": 500, "ablation_tokens": 32_768},
+        # not yet measured on a GPU: sizes and lengths by analogy with the main models
+        "bilingual": {"sizes": {"s": {"n_layers": 6, "d_model": 256, "n_heads": 8, "d_mlp": 1024},
+                                "m": {"n_layers": 6, "d_model": 512, "n_heads": 8, "d_mlp": 2048}},
+                      "tokens": 20_000_000, "n_checkpoints": 10, "sae_expansion": 8, "sae_k": 32,
+                      "sae_tokens": 2_000_000, "sae_batch_tokens": 4096, "sae_lr": 5e-4,
+                      "sae_dead_window_tokens": 500_000, "context_rows": 1000,
+                      "stitch_batches": 10, "stitch_rows": 32},
     }),
     # GPT-2 small scale, several GPUs (torchrun).
     "paper": _preset({
@@ -240,6 +248,14 @@ PRESETS: dict[str, dict] = {
                 "buffer_tokens": 4_194_304, "eval_tokens": 262_144, "lr": 2e-4,
                 # the paper's recipe: 16-token contexts, stop at mean L0 < 10, clip at 1
                 "context_length": 16, "stop_l0": 10.0, "grad_clip": 1.0},
+        "neurons": {"max_rows": 1000, "ablation_tokens": 262_144},
+        # the bilingual-SAE study's setting (16 x d_model latents, k 32); not yet measured
+        "bilingual": {"sizes": {"s": {"n_layers": 12, "d_model": 768, "n_heads": 12, "d_mlp": 3072},
+                                "m": {"n_layers": 24, "d_model": 1024, "n_heads": 16, "d_mlp": 4096}},
+                      "tokens": 1_000_000_000, "n_checkpoints": 12, "sae_expansion": 16, "sae_k": 32,
+                      "sae_tokens": 50_000_000, "sae_batch_tokens": 4096, "sae_lr": 3e-4,
+                      "sae_dead_window_tokens": 10_000_000, "context_rows": 2000,
+                      "stitch_batches": 20, "stitch_rows": 32},
     }),
 }
 
