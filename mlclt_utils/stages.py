@@ -42,8 +42,8 @@ from typing import Any, Callable, Mapping
 from . import distributed
 from .artifacts import (IN_PROGRESS_FILE, RESUME_FILE, ManifestMismatch, Stage, atomic_path,
                         config_hash, read_json, write_json)
-from .presets import (load_preset, mixture_name, mixture_share, model_names, parse_override,
-                      reference_model, size_models)
+from .presets import (BILINGUAL_SUFFIX, bilingual_preset, load_preset, mixture_name, mixture_share,
+                      model_names, parse_override, reference_model, size_models)
 
 
 class StaleStage(ManifestMismatch):
@@ -145,10 +145,13 @@ def config_diff(built: Mapping, asked: Mapping) -> list[str]:
 
 def rebuild_command(kind: str, preset: Mapping, run: str) -> str:
     """The runner command that rebuilds ``kind`` (its chapter) under this preset and run."""
+    chapter = get_kind(kind).chapter
+    if run.endswith(BILINGUAL_SUFFIX):        # the bilingual run is built by chapter 09
+        run, chapter = run[:-len(BILINGUAL_SUFFIX)], "09"
     cmd = ["python", "-m", "mlclt_utils.runner", "--preset", preset.get("name", "?")]
     if run != preset.get("name"):
         cmd += ["--run", run]
-    cmd += ["--chapters", get_kind(kind).chapter]
+    cmd += ["--chapters", chapter]
     for k, v in (preset.get("overrides") or {}).items():
         cmd += ["--param", f"{k}={json.dumps(v)}"]
     return " ".join(shlex.quote(c) for c in cmd)
@@ -270,6 +273,21 @@ def chain(preset) -> list[tuple[str, str | None]]:
     out += [("graphs", ref), ("interventions", ref)]
     out += [("neurons", n) for n in size_models(preset)]
     return out
+
+
+def bilingual_chain(preset) -> list[tuple[str, str | None]]:
+    """Every (kind, key) of chapter 09's bilingual run (``<run>-bilingual``), in build order."""
+    bi = bilingual_preset(_preset(preset))
+    names = size_models(bi)
+    out = [("corpus", None), ("tokenizer", None), ("data", mixture_name(bi["mixtures"]["english_shares"][0]))]
+    out += [("models", n) for n in names] + [("saes", n) for n in names]
+    return out + [("stitching", names[0])]
+
+
+def run_preset(preset, run: str) -> dict:
+    """The preset a run's stages are built with: the bilingual one for ``<run>-bilingual``."""
+    preset = _preset(preset)
+    return bilingual_preset(preset) if run.endswith(BILINGUAL_SUFFIX) else preset
 
 
 # ================================================================== the chain's kinds =====
@@ -930,15 +948,21 @@ def main(argv: list[str] | None = None) -> int:
         preset = load_preset(args.preset, dict(args.overrides))
         run = args.run or preset["name"]
         if args.command == "status":
-            for kind, key in chain(preset):
-                st = stage(kind, run, key, args.root)
-                try:
-                    require_current(kind, preset, run, key, args.root)
-                    state = "current"
-                except StaleStage as err:
-                    state = "stale: " + str(err).split("; rebuild")[0]
-                print(f"{st.name:24s} {state}")
+            main_run = run[:-len(BILINGUAL_SUFFIX)] if run.endswith(BILINGUAL_SUFFIX) else run
+            runs = [(main_run, preset, chain(preset), ""),
+                    (main_run + BILINGUAL_SUFFIX, bilingual_preset(preset), bilingual_chain(preset),
+                     main_run + BILINGUAL_SUFFIX + "/")]
+            for r, p, stages_of_run, prefix in runs:
+                for kind, key in stages_of_run:
+                    st = stage(kind, r, key, args.root)
+                    try:
+                        require_current(kind, p, r, key, args.root)
+                        state = "current"
+                    except StaleStage as err:
+                        state = "stale: " + str(err).split("; rebuild")[0]
+                    print(f"{prefix + st.name:24s} {state}")
             return 0
+        preset = run_preset(preset, run)
         if not args.stage:
             ap.error("build needs a stage, e.g. models/s-en50")
         kind, _, key = args.stage.partition("/")

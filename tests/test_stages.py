@@ -113,6 +113,9 @@ def test_command_line_status_and_build(chain_copy):
     assert all(status[st] == "current" for st in ("corpus", "models/s-en50", "clt_eval/s-en50"))
     assert status["unit_stats/s-en50"].startswith("stale: stage 'unit_stats/s-en50' of run 'micro' "
                                                   "is not complete (it has not been built)")
+    # chapter 09's bilingual run is listed under its own run name
+    assert status["micro-bilingual/corpus"].startswith("stale: stage 'corpus' of run 'micro-bilingual'")
+    assert "micro-bilingual/stitching/s-en50" in status
     bad = subprocess.run([sys.executable, "-m", "mlclt_utils.stages", "build", "models/s-en50",
                           "--run", RUN, "--root", str(chain_copy), *sets, "--set", "training.lr=0.01"],
                          capture_output=True, text=True, env=env, timeout=300)
@@ -204,3 +207,15 @@ def test_chapter_rerun_with_an_upstream_override_fails_naming_chapter_cell_and_s
     partial = REPO / "book" / "chapters" / ".running.03_fit_clts.ipynb"
     assert partial.exists()          # kept for the reader to inspect, under a name the book skips
     partial.unlink()
+
+
+def test_bilingual_stages_are_rebuilt_by_chapter_09_of_the_main_run():
+    from mlclt_utils.presets import bilingual_preset
+    from mlclt_utils.stages import bilingual_chain, rebuild_command, run_preset
+
+    p = micro_preset(**{"bilingual.tokens": 1000})
+    cmd = rebuild_command("corpus", bilingual_preset(p), "tiny-bilingual")
+    assert "--chapters 09" in cmd and "--run" not in cmd and "bilingual.tokens=1000" in cmd
+    assert run_preset(p, "tiny-bilingual")["corpus"]["languages"] == ["en", "ja"]
+    assert run_preset(p, "tiny") is not None and run_preset(p, "tiny")["corpus"]["languages"] == ["en", "fr"]
+    assert bilingual_chain(p)[-1] == ("stitching", "s-en50")
