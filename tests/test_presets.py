@@ -38,3 +38,21 @@ def test_bad_parameters_name_the_value(kwargs, message):
 def test_names():
     assert mixture_name(0.0) == "en0" and mixture_name(0.5) == "en50" and mixture_name(0.9) == "en90"
     assert model_names(load_preset("tiny")) == ["s-en50", "s-en90", "m-en50"]
+
+
+def test_bilingual_preset_cuts_the_run_to_its_pair():
+    from mlclt_utils.presets import bilingual_preset, model_names, size_models
+
+    p = bilingual_preset(load_preset("small"))
+    assert p["corpus"]["languages"] == ["en", "ja"] and p["mixtures"]["english_shares"] == [0.5]
+    assert model_names(p) == size_models(p) == ["s-en50", "m-en50"]
+    assert p["models"]["sizes"]["s"]["d_model"] == 96 and p["training"]["tokens"] == 600_000
+    other = bilingual_preset(load_preset("tiny", {"bilingual.languages": ["fr", "ar"]}))
+    assert other["mixtures"]["english_shares"] == [0.0] and model_names(other) == ["s-en0", "m-en0"]
+    with pytest.raises(ValueError, match="two languages"):
+        bilingual_preset(load_preset("tiny", {"bilingual.languages": ["en", "fr", "de"]}))
+    with pytest.raises(ValueError, match="unknown language code 'xx'"):
+        bilingual_preset(load_preset("tiny", {"bilingual.languages": ["en", "xx"]}))
+    with pytest.raises(ValueError, match="at least two model sizes"):
+        bilingual_preset(load_preset("tiny", {"bilingual.sizes": {"s": {"n_layers": 2, "d_model": 32,
+                                                                        "n_heads": 2, "d_mlp": 64}}}))
