@@ -112,6 +112,7 @@ def stats_by_language(model, rows: Mapping[str, torch.Tensor], batch_size: int =
 
 
 def _key_counts(stats, cfg, n_layers) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The key units of ``stats`` and their counts per layer and language."""
     key = regions.key_units(stats, cfg["key_z"], cfg["max_rows"])
     return key, regions.unit_counts(key, list(stats), n_layers)
 
@@ -150,8 +151,7 @@ def lingua_franca(load_model: Callable[[int | None], object], steps: Sequence[in
         key, c = _key_counts(stats, cfg, model.cfg.n_layers)
         counts.append(c.assign(unit="mlp", step=step, width=model.cfg.d_mlp))
         final_stats = stats
-    tables = {}
-    key = regions.key_units(final_stats, cfg["key_z"], cfg["max_rows"])
+    tables = {}                            # key: the final checkpoint's key neurons
     lape = regions.lape_by_layer(final_stats, cfg["lape_share"], cfg["lape_quantile"])
     tables["key_units"] = key
     tables["lape_units"] = lape

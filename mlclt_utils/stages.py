@@ -775,6 +775,8 @@ def _neurons_config(preset, key) -> dict:
 def _build_neurons(ctx: BuildContext):
     """Chapter 10: LRDS / SADS and key neurons at every checkpoint; LAPE, ablations and the
     CLT-feature comparison at the final one."""
+    import torch
+
     from .artifacts import save_tensors
     from .data.datasets import verse_rows
     from .features.parallel import load_parallel
@@ -797,7 +799,7 @@ def _build_neurons(ctx: BuildContext):
                         cfg, clt_stats=clt_stats, progress=ctx.progress)
     _write_tables(ctx.stage, out["tables"])
     save_tensors(ctx.stage.file("similarity.safetensors"),
-                 {k: __import__("torch").from_numpy(v) for k, v in out["similarity"].items()})
+                 {k: torch.from_numpy(v) for k, v in out["similarity"].items()})
     write_json(ctx.stage.file("rows.json"), {"languages": parallel.languages, "steps": steps,
                                              "rows": len(parallel), "source": parallel.source,
                                              "eval_rows": {k: len(v) for k, v in eval_sets.items()}})
@@ -892,6 +894,8 @@ def _build_stitching(ctx: BuildContext):
     """Bilingual, monolingual and random latents of the final model's SAEs stitched into the
     SAE checkpoints between the first and the final one (mid-training), per layer and
     language, over text batches of the test split."""
+    import pandas as pd
+
     from .sae.dynamics import sae_folder
     from .sae.stitch import stitching_table
     from .sae.train import load_sae
@@ -916,8 +920,6 @@ def _build_stitching(ctx: BuildContext):
             lab = labels[(labels["step"] == steps[-1]) & (labels["layer"] == layer)]
             parts.append(stitching_table(target, final, sae, int(layer), batches, lab, cfg["languages"],
                                          seed=cfg["seed"]).assign(step=step, layer=int(layer)))
-    import pandas as pd
-
     _write_tables(ctx.stage, {"stitching": pd.concat(parts, ignore_index=True)})
 
 
