@@ -844,10 +844,6 @@ def _stitching_config(preset, key) -> dict:
             "stitch_batches": bi["stitch_batches"], "stitch_rows": bi["stitch_rows"]}
 
 
-def _context_rows(data, languages, n) -> dict:
-    return {lang: data["validation"][lang][:n] for lang in languages}
-
-
 def _build_saes(ctx: BuildContext):
     """SAEs at the last kept checkpoints, their quality and every latent's language."""
     from .features.language import TokenLanguages
@@ -856,17 +852,14 @@ def _build_saes(ctx: BuildContext):
 
     cfg = ctx.config
     data = ctx.input("data", model_mixture(ctx.key))
-    train = data["train"]
-    by_lang = {lang: train["tokens"][train["language"] == i] for i, lang in enumerate(data["languages"])}
-    vocab = ctx.preset["tokenizer"]["vocab_size"]
-    token_languages = TokenLanguages.from_token_rows({l: r for l, r in by_lang.items() if len(r)}, vocab)
+    token_languages = TokenLanguages.from_training_data(data, ctx.preset["tokenizer"]["vocab_size"])
     steps = checkpoint_steps(stage("models", ctx.run, ctx.key, ctx.root).path)
     if cfg["sae_checkpoints"]:
         steps = steps[-int(cfg["sae_checkpoints"]):]
-    tables = bilingual_dynamics(lambda step: ctx.input("models", ctx.key, step=step), steps, train["tokens"],
-                                _context_rows(data, cfg["languages"], cfg["context_rows"]), token_languages,
-                                cfg, cfg["seed"], ctx.stage.file("saes"), tokenizer=ctx.input("tokenizer"),
-                                progress=ctx.progress)
+    context_rows = {lang: data["validation"][lang][:cfg["context_rows"]] for lang in cfg["languages"]}
+    tables = bilingual_dynamics(lambda step: ctx.input("models", ctx.key, step=step), steps,
+                                data["train"]["tokens"], context_rows, token_languages, cfg, cfg["seed"],
+                                ctx.stage.file("saes"), tokenizer=ctx.input("tokenizer"), progress=ctx.progress)
     _write_tables(ctx.stage, tables)
     _write_text_json(ctx.stage.file("token_languages.json"), token_languages.to_dict())
     write_json(ctx.stage.file("info.json"), {"steps": steps, "languages": cfg["languages"]})
@@ -908,18 +901,18 @@ def _build_stitching(ctx: BuildContext):
     n, b = cfg["stitch_rows"], cfg["stitch_batches"]
     batches = {lang: [data["test"][lang][i * n:(i + 1) * n] for i in range(b)
                       if len(data["test"][lang][i * n:(i + 1) * n])] for lang in cfg["languages"]}
-    labels = saes["labels"]
-    parts = []
     targets = steps[1:-1] or steps[:-1]
     if not targets:
         raise ValueError(f"stitching needs an SAE checkpoint before the final one; {ctx.key} has {steps}")
+    labels = saes["labels"][saes["labels"]["step"] == steps[-1]]
+    final_saes = {int(layer): (load_sae(sae_folder(saes["folder"], steps[-1], int(layer))), lab)
+                  for layer, lab in labels.groupby("layer")}
+    parts = []
     for step in targets:
         target = ctx.input("models", ctx.key, step=step)
-        for layer in sorted(labels["layer"].unique()):
-            sae = load_sae(sae_folder(saes["folder"], steps[-1], int(layer)))
-            lab = labels[(labels["step"] == steps[-1]) & (labels["layer"] == layer)]
-            parts.append(stitching_table(target, final, sae, int(layer), batches, lab, cfg["languages"],
-                                         seed=cfg["seed"]).assign(step=step, layer=int(layer)))
+        for layer, (sae, lab) in final_saes.items():
+            parts.append(stitching_table(target, final, sae, layer, batches, lab, cfg["languages"],
+                                         seed=cfg["seed"]).assign(step=step, layer=layer))
     _write_tables(ctx.stage, {"stitching": pd.concat(parts, ignore_index=True)})
 
 

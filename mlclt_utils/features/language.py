@@ -127,6 +127,17 @@ class TokenLanguages:
         return cls(langs, counts, shared_share, min_count)
 
     @classmethod
+    def from_training_data(cls, data: Mapping[str, Any], vocab_size: int,
+                           shared_share: float = SHARED_SHARE, min_count: int = MIN_COUNT) -> "TokenLanguages":
+        """The same from a data stage (``stages.load("data", ...)``): the training rows of each
+        language of the mixture (languages without rows, e.g. English in an en0 mixture, are
+        left out)."""
+        train = data["train"]
+        by_lang = {lang: train["tokens"][train["language"] == i] for i, lang in enumerate(data["languages"])}
+        return cls.from_token_rows({lang: r for lang, r in by_lang.items() if len(r)}, vocab_size,
+                                   shared_share, min_count)
+
+    @classmethod
     def from_texts(cls, texts_by_lang: Mapping[str, Sequence[str]], tokenizer,
                    shared_share: float = SHARED_SHARE, min_count: int = MIN_COUNT) -> "TokenLanguages":
         """The same from texts, tokenized with ``tokenizer`` (its full vocabulary is labelled)."""

@@ -53,11 +53,7 @@ def language_statistics(model, clt, data: Mapping, units: Mapping, tokenizer,
     probe = pd.DataFrame(rows)
 
     # token languages from the training rows of each language of the mixture
-    train = data["train"]
-    by_lang = {lang: train["tokens"][train["language"] == i]
-               for i, lang in enumerate(data["languages"])}
-    by_lang = {lang: r for lang, r in by_lang.items() if len(r)}
-    token_langs = TokenLanguages.from_token_rows(by_lang, model.cfg.d_vocab)
+    token_langs = TokenLanguages.from_training_data(data, model.cfg.d_vocab)
     labelled = [lang for lang in langs if lang in set(token_langs.labels())]
 
     # language features of every layer, their lift and top tokens

@@ -33,38 +33,39 @@ def latent_output(sae, h: Tensor, latents: Sequence[int], bias: bool) -> Tensor:
     return out + sae.b_dec if bias else out
 
 
-def _row_losses(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Summed next-token loss and number of targets per row (PAD targets left out)."""
-    from ..tokenizer import PAD_ID
-
-    targets = tokens[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
-    mask = (targets != PAD_ID).float().flatten()
-    return (loss * mask).sum(), mask.sum()
+def source_state(source_model, layer: int, tokens: Tensor) -> Tensor:
+    """``source_model``'s residual stream after block ``layer`` on ``tokens`` (later blocks
+    not run)."""
+    name = f"blocks.{layer}.hook_resid_post"
+    _, cache = source_model.run_with_cache(tokens, names_filter=[name], stop_at_layer=layer + 1)
+    return cache[name]
 
 
 @torch.no_grad()
 def stitched_loss(target_model, source_model, sae, layer: int, tokens: Tensor,
-                  latents: Sequence[int] | None, mode: str = "add") -> float:
-    """Mean next-token loss of ``target_model`` on ``tokens`` with the chosen ``latents`` of
-    ``source_model``'s layer-``layer`` state stitched in (``latents=None``: nothing, the
-    target as it is)."""
+                  latents: Sequence[int] | None, mode: str = "add", state: Tensor | None = None) -> float:
+    """Mean next-token loss of ``target_model`` on ``tokens`` (PAD targets left out) with the
+    chosen ``latents`` of ``source_model``'s layer-``layer`` state stitched in
+    (``latents=None``: nothing, the target as it is). ``state``: that state when already
+    computed (:func:`source_state`), so several selections share one source pass."""
+    from ..tokenizer import PAD_ID
+
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     name = f"blocks.{layer}.hook_resid_post"
     if latents is None:
         logits = target_model(tokens)
     else:
-        _, cache = source_model.run_with_cache(tokens, names_filter=[name], stop_at_layer=layer + 1)
-        carried = latent_output(sae, cache[name], latents, bias=(mode == "substitute"))
+        h = source_state(source_model, layer, tokens) if state is None else state
+        carried = latent_output(sae, h, latents, bias=(mode == "substitute"))
         keep = kept_positions(tokens)[..., None]
 
         def stitch(resid, hook):
             new = resid + carried if mode == "add" else carried
             return torch.where(keep, new, resid)
         logits = target_model.run_with_hooks(tokens, fwd_hooks=[(name, stitch)])
-    total, n = _row_losses(logits, tokens)
-    return float(total / n.clamp(min=1))
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(),
+                                 ignore_index=PAD_ID))
 
 
 def stitching_table(target_model, source_model, sae, layer: int, batches: Mapping[str, Sequence[Tensor]],
@@ -83,21 +84,19 @@ def stitching_table(target_model, source_model, sae, layer: int, batches: Mappin
     chosen = {"bilingual": bilingual,
               "monolingual": rng.choice(mono, size=min(n, len(mono)), replace=False),
               "random": rng.choice(live, size=min(n, len(live)), replace=False)}
+    runs = [("none", "none", None)]
+    runs += [(cond, mode, latents.tolist()) for cond, latents in chosen.items() for mode in MODES]
+    runs.append(("all", "substitute", list(range(labels.shape[0]))))
     rows = []
     for lang in languages:
         for b, tokens in enumerate(batches[lang]):
-            base = stitched_loss(target_model, source_model, sae, layer, tokens, None)
-            rows.append({"condition": "none", "mode": "none", "language": lang, "batch": b, "latents": 0, "loss": base})
-            for cond, latents in chosen.items():
-                for mode in MODES:
-                    rows.append({"condition": cond, "mode": mode, "language": lang, "batch": b,
-                                 "latents": len(latents),
-                                 "loss": stitched_loss(target_model, source_model, sae, layer, tokens,
-                                                       latents.tolist(), mode)})
-            rows.append({"condition": "all", "mode": "substitute", "language": lang, "batch": b,
-                         "latents": int(labels.shape[0]),
-                         "loss": stitched_loss(target_model, source_model, sae, layer, tokens,
-                                               list(range(labels.shape[0])), "substitute")})
+            with torch.no_grad():
+                state = source_state(source_model, layer, tokens)      # one source pass per batch
+            for cond, mode, latents in runs:
+                loss = stitched_loss(target_model, source_model, sae, layer, tokens, latents,
+                                     "add" if mode == "none" else mode, state=state)
+                rows.append({"condition": cond, "mode": mode, "language": lang, "batch": b,
+                             "latents": len(latents or []), "loss": loss})
     return pd.DataFrame(rows)
 
 
