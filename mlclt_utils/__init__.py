@@ -10,7 +10,7 @@ The names below are what the chapters use; each is imported on first use, so
 
 Homes: ``stages`` (every artifact of the chain), ``data/`` (corpora, mixtures),
 ``tokenizer``, ``models/``, ``clt/``, ``features/``, ``graphs/``, ``interventions``,
-``neurons``, ``sae/``, ``viz/``, ``results``,
+``neurons``, ``sae/``, ``viz/``, ``results``, ``claims``,
 ``bench/``, ``runner``.
 """
 
@@ -46,6 +46,8 @@ _PUBLIC = {
     "record_results": "results",
     "table": "viz.table",
     "read_results": "results",
+    "verdict": "claims",
+    "read_verdicts": "claims",
 }
 _RENAMED = {"record_results": "record", "read_results": "read_all"}
 

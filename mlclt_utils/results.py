@@ -1,8 +1,9 @@
 """Results as data: each chapter's headline numbers, written to the artifact store.
 
 A chapter calls :func:`record` with rows ``{"metric", "value", "criterion", "met", "model"}``
-(criterion and met optional); they land in stage ``results/<chapter>`` of the run, with a
-manifest that names the stages the numbers were computed from. :func:`read_all` gathers the
+(criterion and met optional) and its verdict rows (``claims.verdict``); they land in stage
+``results/<chapter>`` of the run (``results.csv``, ``verdicts.csv``), with a manifest that
+names the stages the numbers were computed from. :func:`read_all` gathers the
 records of every chapter of a run, for the claims chapter: it reads measured values, not
 pictures.
 """
@@ -31,11 +32,22 @@ def _clean(row: Mapping[str, Any], chapter: str) -> dict:
 
 
 def record(run: str, chapter: str, rows: Iterable[Mapping[str, Any]],
-           inputs: list[Stage] | None = None, root=None) -> Stage:
-    """Write ``rows`` as the results of ``chapter`` (e.g. "03"), replacing earlier ones."""
+           inputs: list[Stage] | None = None, root=None,
+           verdicts: Iterable[Mapping[str, Any]] = ()) -> Stage:
+    """Write ``rows`` (and the chapter's verdict rows) as the results of ``chapter`` (e.g.
+    "03"), replacing earlier ones."""
     import pandas as pd
 
+    from .claims import COLUMNS as VERDICT_COLUMNS
+
     rows = [_clean(r, chapter) for r in rows]
+    verdicts = [dict(v) for v in verdicts]
+    for v in verdicts:
+        if set(v) != set(VERDICT_COLUMNS):
+            raise ValueError(f"a verdict row needs exactly the fields {VERDICT_COLUMNS}; build it with "
+                             f"claims.verdict (got {sorted(v)})")
+        if v["chapter"] != chapter:
+            raise ValueError(f"verdict row of chapter {v['chapter']!r} recorded by chapter {chapter!r}")
     for r in rows:
         if isinstance(r["value"], float) and math.isnan(r["value"]):
             r["value"] = None
@@ -43,6 +55,8 @@ def record(run: str, chapter: str, rows: Iterable[Mapping[str, Any]],
     st.start()
     with atomic_path(st.file("results.csv")) as tmp:
         pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False)
+    with atomic_path(st.file("verdicts.csv")) as tmp:
+        pd.DataFrame(verdicts, columns=VERDICT_COLUMNS).to_csv(tmp, index=False)
     st.finish({"chapter": chapter}, inputs=inputs or [])
     return st
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mlclt_utils.features.activations import MLPNeurons, UnitStats, collect_unit_stats
-from mlclt_utils.features.overlap import (bootstrap_mean, control_partner, dense_units, inverted_u,
+from mlclt_utils.features.overlap import (bootstrap_mean, control_partner, dense_units, gap_verdicts,
+                                          row_gaps,
                                           jaccard, overlap_by_layer)
 from mlclt_utils.features.specificity import count_language_features, language_features, specificity
 
@@ -74,14 +75,62 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_more_rows():
     assert large[2] - large[1] < (small[2] - small[1]) / 4
 
 
-def test_inverted_u_needs_the_middle_above_both_ends_beyond_the_intervals():
-    def summary(values, half):
-        return pd.DataFrame([{"layer": i, "kind": "parallel", "jaccard": v, "low": v - half,
-                              "high": v + half} for i, v in enumerate(values)])
+def test_control_draws_pair_each_row_with_different_partners():
+    lengths = torch.tensor([5, 30, 6, 29, 7, 8])
+    first, second = control_partner(lengths, 0), control_partner(lengths, 1)
+    assert all(first[i] != i and second[i] != i and first[i] != second[i] for i in range(6))
 
-    assert inverted_u(summary([0.2, 0.5, 0.3], 0.05))["holds"] is True
-    assert inverted_u(summary([0.2, 0.5, 0.3], 0.2))["holds"] is False
-    assert inverted_u(summary([0.2, 0.5], 0.01))["holds"] is None
+
+def _fired(rows):
+    """UnitStats of one layer per entry of ``rows`` ([rows, units] bool lists)."""
+    fired = [torch.tensor(r, dtype=torch.bool) for r in rows]
+    n = fired[0].shape[0]
+    return UnitStats(fired, [f.sum(0) for f in fired], [f.float() for f in fired], 1000,
+                     torch.arange(n) + 5)
+
+
+def _planted(overlap_by_layer_share, rows=60, units=400, seed=0):
+    """Two languages; at each layer a verse's translation shares ``share`` of its 40 features,
+    a different verse shares none beyond chance."""
+    g = torch.Generator().manual_seed(seed)
+    en, fr = [], []
+    for share in overlap_by_layer_share:
+        a = torch.zeros(rows, units, dtype=torch.bool)
+        b = torch.zeros(rows, units, dtype=torch.bool)
+        for r in range(rows):
+            units_a = torch.randperm(units, generator=g)[:40]
+            keep = int(share * 40)
+            units_b = torch.cat([units_a[:keep], torch.randperm(units, generator=g)[:40 - keep]])
+            a[r, units_a] = True
+            b[r, units_b] = True
+        en.append(a.tolist())
+        fr.append(b.tolist())
+    return {"en": _fired(en), "fr": _fired(fr)}
+
+
+def test_a_planted_inverted_u_of_the_gap_holds_and_a_flat_one_does_not():
+    bump = row_gaps(_planted([0.1, 0.6, 0.1]))
+    shared, shape = gap_verdicts(bump, "A1", "m")
+    assert shared["verdict"] == "holds" and shape["verdict"] == "holds"
+    flat = gap_verdicts(row_gaps(_planted([0.4, 0.4, 0.4], seed=1)), "A1", "m")
+    assert flat[0]["verdict"] == "holds" and flat[1]["verdict"] != "holds"
+    valley = gap_verdicts(row_gaps(_planted([0.6, 0.1, 0.6], seed=2)), "A1", "m")
+    assert valley[1]["verdict"] == "fails"
+
+
+def test_a_profile_made_by_set_sizes_alone_is_not_an_inverted_u():
+    # raw overlap peaks in the middle for translations and different verses alike (the middle
+    # layer fires more units, so chance overlap is higher there); the gap is zero everywhere
+    g = torch.Generator().manual_seed(3)
+    def layer(p):
+        return (torch.rand(60, 200, generator=g) < p).tolist()
+    stats = {"en": _fired([layer(0.2), layer(0.8), layer(0.2)]),
+             "fr": _fired([layer(0.2), layer(0.8), layer(0.2)])}
+    summary, _ = overlap_by_layer(stats, max_dense_fraction=1.0, n_boot=200)
+    par = summary[summary["kind"] == "parallel"].set_index("layer")["jaccard"]
+    assert par[1] > 2 * max(par[0], par[2])                  # the raw curve is an inverted U
+    _, shape = gap_verdicts(row_gaps(stats, max_dense_fraction=1.0), "A1", "m")
+    assert shape["verdict"] == "inconclusive"
 
 
 def test_a_planted_language_feature_is_found_and_an_even_one_is_not():

@@ -11,8 +11,15 @@ on more than ``max_dense_fraction`` of the tokens in every language; dense units
 out of the sets and their number is reported.
 
 Control: the same statistic between *different* rows (row i of language A against row j of
-language B, j the row whose length in B is next to row i's), so the reader sees how much of
-the overlap comes from meaning and how much from frequency alone.
+language B, j a row whose length in B is next to row i's), so the reader sees how much of
+the overlap comes from meaning and how much from frequency alone. The control is drawn
+several times (``control_draws``: the 1st, 2nd, … length neighbour) and averaged.
+
+Claim A1 is decided on the per-verse *gap* (parallel minus control, signed), never on the raw
+curve: L0 falls with depth, and Jaccard of smaller sets gets a profile of its own from set
+sizes alone. :func:`row_gaps` gives the gap of every verse at every layer, and
+:func:`gap_verdicts` turns it into verdict rows (shared beyond the control; the inverted U as
+middle minus the larger of first and last), with bootstrap intervals over verses.
 """
 
 from __future__ import annotations
@@ -47,15 +54,17 @@ def dense_units(stats: Mapping[str, UnitStats], layer: int, max_dense_fraction: 
     return dense
 
 
-def control_partner(lengths: Tensor) -> Tensor:
-    """For each row, a different row of nearly the same length (its neighbour when rows are
-    sorted by length; cyclic), so the control pairs differ in meaning, not in size."""
+def control_partner(lengths: Tensor, draw: int = 0) -> Tensor:
+    """For each row, a different row of nearly the same length: its ``draw + 1``-th
+    neighbour when rows are sorted by length (cyclic), so the control pairs differ in
+    meaning, not in size, and each draw pairs a row with another partner."""
     n = lengths.numel()
     if n < 2:
         raise ValueError("the control needs at least two rows")
+    shift = draw % (n - 1) + 1
     order = torch.argsort(lengths, stable=True)
     partner = torch.empty(n, dtype=torch.long)
-    partner[order] = order.roll(-1)
+    partner[order] = order.roll(-shift)
     return partner
 
 
@@ -73,12 +82,14 @@ def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, level: float = 0.95,
 
 
 def overlap_by_layer(stats: Mapping[str, UnitStats], max_dense_fraction: float = 0.5,
-                     n_boot: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     n_boot: int = 1000, seed: int = 0, control_draws: int = 5
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(summary, pairs)``.
 
     ``pairs``: one row per layer, language pair and kind (parallel, control) with the mean
     Jaccard over rows. ``summary``: per layer and kind, the mean over pairs of each row's
-    Jaccard, with a bootstrap interval over rows, and the number of dense units removed.
+    Jaccard, with a bootstrap interval over rows, and the number of dense units removed. The
+    control of a row is its mean over ``control_draws`` length-matched partners.
     """
     langs = list(stats)
     if len(langs) < 2:
@@ -96,7 +107,8 @@ def overlap_by_layer(stats: Mapping[str, UnitStats], max_dense_fraction: float =
             A = stats[a].fired[layer][:, keep]
             B = stats[b].fired[layer][:, keep]
             parallel = jaccard(A, B)
-            control = jaccard(A, B[control_partner(stats[b].lengths)])
+            control = torch.stack([jaccard(A, B[control_partner(stats[b].lengths, d)])
+                                   for d in range(control_draws)]).nanmean(0)
             for kind, values in (("parallel", parallel), ("control", control)):
                 per_kind[kind].append(values)
                 pairs.append({"layer": layer, "pair": f"{a}-{b}", "kind": kind,
@@ -132,16 +144,63 @@ def pooled_cosine_by_layer(stats: Mapping[str, UnitStats], n_boot: int = 1000,
     return pd.DataFrame(out)
 
 
-def inverted_u(summary: pd.DataFrame, value: str = "jaccard") -> dict:
-    """Whether the parallel overlap of some middle layer lies above both the first and the
-    last layer beyond the confidence intervals (its lower bound above their upper bounds)."""
-    par = summary[summary["kind"] == "parallel"].set_index("layer").sort_index()
-    layers = list(par.index)
-    if len(layers) < 3:
-        return {"holds": None, "reason": f"{len(layers)} layers: no middle layer to compare"}
-    first, last = par.loc[layers[0]], par.loc[layers[-1]]
-    middle = par.loc[layers[1:-1]]
-    best = middle[value].idxmax()
-    holds = bool(middle.loc[best, "low"] > max(first["high"], last["high"]))
-    return {"holds": holds, "peak_layer": int(best), "peak": float(middle.loc[best, value]),
-            "first": float(first[value]), "last": float(last[value])}
+def row_gaps(stats: Mapping[str, UnitStats], max_dense_fraction: float = 0.5,
+             control_draws: int = 5) -> np.ndarray:
+    """``[rows, layers]``: each verse's Jaccard with its translations minus its Jaccard with
+    length-matched other verses (mean over language pairs and ``control_draws`` partners),
+    signed: a control above the parallel overlap gives a negative gap."""
+    langs = list(stats)
+    if len(langs) < 2:
+        raise ValueError(f"a gap needs at least two languages, got {langs}")
+    n_layers = len(next(iter(stats.values())).fired)
+    out = []
+    for layer in range(n_layers):
+        keep = ~dense_units(stats, layer, max_dense_fraction)
+        gaps = []
+        for a, b in combinations(langs, 2):
+            A, B = stats[a].fired[layer][:, keep], stats[b].fired[layer][:, keep]
+            control = torch.stack([jaccard(A, B[control_partner(stats[b].lengths, d)])
+                                   for d in range(control_draws)]).nanmean(0)
+            gaps.append(jaccard(A, B) - control)
+        out.append(torch.stack(gaps).nanmean(0).numpy())
+    return np.stack(out, axis=1)
+
+
+def middle_minus_edges(gaps: np.ndarray) -> float:
+    """Mean gap of the middle layers minus the larger of the first and last layers' mean gap
+    (positive: an inverted U of the gap). Needs at least three layers."""
+    m = np.nanmean(gaps, axis=0)
+    return float(m[1:-1].mean() - max(m[0], m[-1]))
+
+
+def gap_verdicts(gaps: np.ndarray, claim: str, model: str, n_boot: int = 1000, seed: int = 0,
+                 counted: bool = True, note: str = "") -> list[dict]:
+    """Verdict rows from :func:`row_gaps`: (1) the gap averaged over layers is above 0, (2) the
+    gap's middle layers lie above the larger of its first and last layers (only with three or
+    more layers). Bootstrap intervals resample verses, all layers of a verse together."""
+    from ..claims import bootstrap, verdict
+
+    gaps = gaps[np.isfinite(gaps).all(1)]
+    control = "length-matched different verses (the gap is parallel minus this control)"
+    common = dict(model=model, n_units=len(gaps), units="verses", chapter="04",
+                  counted=counted, note=note)
+    est, lo, hi = bootstrap(gaps, lambda g: float(g.mean()), n_boot, seed)
+    rows = [verdict(claim, "Jaccard of translations minus different verses, mean over layers",
+                    est, lo, hi, control=control, **common)]
+    if gaps.shape[1] >= 3:
+        est, lo, hi = bootstrap(gaps, middle_minus_edges, n_boot, seed)
+        rows.append(verdict(claim, "gap of the middle layers minus the larger of first and last (inverted U)",
+                            est, lo, hi, control=control, **common))
+    return rows
+
+
+def gap_difference(gaps_a: np.ndarray, gaps_b: np.ndarray, n_boot: int = 1000, seed: int = 0
+                   ) -> tuple[float, float, float]:
+    """Inverted-U statistic of model a minus model b on the same verses (paired bootstrap)."""
+    from ..claims import bootstrap
+
+    both = np.concatenate([gaps_a, gaps_b], axis=1)
+    both = both[np.isfinite(both).all(1)]
+    k = gaps_a.shape[1]
+    return bootstrap(both, lambda g: middle_minus_edges(g[:, :k]) - middle_minus_edges(g[:, k:]),
+                     n_boot, seed)

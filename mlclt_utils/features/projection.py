@@ -32,12 +32,25 @@ def concept_map(stats: Mapping[str, UnitStats], layer: int, max_rows: int = 200,
                          "language": np.repeat(langs, n), "x": xy[:, 0], "y": xy[:, 1]})
 
 
-def meaning_neighbours(points: pd.DataFrame) -> float:
-    """Share of points whose nearest other point is the same verse in another language:
-    how much the map groups by meaning (chance is about 1 / number of points)."""
-    xy = points[["x", "y"]].to_numpy()
-    d = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
-    np.fill_diagonal(d, np.inf)
-    nearest = d.argmin(1)
-    rows = points["row"].to_numpy()
-    return float((rows[nearest] == rows).mean())
+def translation_neighbours(stats: Mapping[str, UnitStats], layer: int, max_rows: int = 200
+                           ) -> dict:
+    """How often a verse's nearest neighbour (cosine of the unit-length verse-mean vectors of
+    ``layer``, the space the concept map starts from, not its 2-D picture) is the same verse
+    in another language. ``{"share", "low", "high", "chance", "points"}``: Wilson interval
+    over points; chance is (L - 1) / (N L - 1) for N verses in L languages, the share of the
+    other points that are translations."""
+    from ..claims import wilson
+
+    langs = list(stats)
+    n = min(max_rows, min(s.means[layer].shape[0] for s in stats.values()))
+    if n < 2 or len(langs) < 2:
+        raise ValueError(f"translation neighbours need two languages and two rows, got {langs}, {n}")
+    X = np.concatenate([stats[lang].means[layer][:n].numpy() for lang in langs]).astype(np.float64)
+    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    sim = X @ X.T
+    np.fill_diagonal(sim, -np.inf)
+    rows = np.tile(np.arange(n), len(langs))
+    hits = int((rows[sim.argmax(1)] == rows).sum())
+    share, lo, hi = wilson(hits, len(rows))
+    L = len(langs)
+    return {"share": share, "low": lo, "high": hi, "chance": (L - 1) / (n * L - 1), "points": len(rows)}
