@@ -119,6 +119,16 @@ def wilson(successes: int, n: int, level: float = LEVEL) -> tuple[float, float, 
     return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
+def proportion_difference(k1: int, n1: int, k2: int, n2: int, level: float = LEVEL
+                          ) -> tuple[float, float, float]:
+    """``k1/n1 - k2/n2`` for two independent shares, with Newcombe's hybrid score interval
+    (from the two Wilson intervals)."""
+    p1, l1, u1 = wilson(k1, n1, level)
+    p2, l2, u2 = wilson(k2, n2, level)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
 def bootstrap(units: Sequence | np.ndarray, statistic: Callable[[np.ndarray], float],
               n_boot: int = 1000, seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
     """``statistic`` of ``units`` (resampled along the first axis) and its percentile
@@ -249,3 +259,23 @@ def claims_table(rows):
                     if len(mine) else "not measured",
                     "rows": split or ("shown only" if len(mine) else ""), "study": c.study})
     return pd.DataFrame(out)
+
+
+def landing_markdown(rows, preset: str, config_hash: str, date: str,
+                     chapters: Mapping[str, str] | None = None) -> str:
+    """The claims table of the landing page (MyST): one line per claim with its verdict,
+    the run it was measured on and a link to the chapter (``chapters``: number -> document
+    path, e.g. ``{"04": "/book/chapters/04_shared_features"}``)."""
+    table = claims_table(rows)
+    lines = [f"Verdicts of this build (preset `{preset}`, configuration `{config_hash[:12]}`, "
+             f"run of {date}); {{doc}}`/book/chapters/11_claims` gives each with its estimate, "
+             "interval and control.", ""]
+    if preset == "tiny":
+        lines += ["At `tiny` the models are trained for seconds: these verdicts are about the code running, "
+                  "not about the findings, and most should read *inconclusive*.", ""]
+    lines += ["| claim | question | verdict | rows | chapter |", "|---|---|---|---|---|"]
+    for r in table.itertuples():
+        doc = (chapters or {}).get(r.chapter)
+        link = f"{{doc}}`{r.chapter} <{doc}>`" if doc else r.chapter
+        lines.append(f"| {r.claim} | {r.question} | **{r.verdict}** | {r.rows} | {link} |")
+    return "\n".join(lines) + "\n"

@@ -112,9 +112,13 @@ def stats_by_language(model, rows: Mapping[str, torch.Tensor], batch_size: int =
 
 
 def _key_counts(stats, cfg, n_layers) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The key units of ``stats`` and their counts per layer and language."""
-    key = regions.key_units(stats, cfg["key_z"], cfg["max_rows"])
-    return key, regions.unit_counts(key, list(stats), n_layers)
+    """The key units of ``stats`` (one z spread for all layers, so that where they sit can be
+    read) and their counts per layer and language under both spreads (``spread`` column)."""
+    out = {}
+    for spread in regions.SPREADS:
+        key = regions.key_units(stats, cfg["key_z"], cfg["max_rows"], spread=spread)
+        out[spread] = (key, regions.unit_counts(key, list(stats), n_layers).assign(spread=spread))
+    return out["all"][0], pd.concat([c for _, c in out.values()], ignore_index=True)
 
 
 def display_similarity(stats: Mapping[str, UnitStats], rows: int) -> np.ndarray:
@@ -142,18 +146,22 @@ def lingua_franca(load_model: Callable[[int | None], object], steps: Sequence[in
 
     if not steps:
         raise ValueError("no checkpoints to measure")
-    scores, counts = [], []
+    scores, counts, per_row = [], [], []
     final_stats = model = None
     for step in progress_bar(iterable=list(steps), desc="checkpoints", disable=not progress):
         model = load_model(step)
         stats = stats_by_language(model, rows, cfg["batch_size"])
         scores.append(regions.scores_by_layer(stats, cfg["max_rows"]).assign(unit="mlp", step=step))
+        per_row.append(regions.row_scores(*regions.patterns(stats, None, cfg["max_rows"]))
+                       .assign(unit="mlp", step=step))
         key, c = _key_counts(stats, cfg, model.cfg.n_layers)
         counts.append(c.assign(unit="mlp", step=step, width=model.cfg.d_mlp))
         final_stats = stats
     tables = {}                            # key: the final checkpoint's key neurons
     lape = regions.lape_by_layer(final_stats, cfg["lape_share"], cfg["lape_quantile"])
     tables["key_units"] = key
+    tables["key_location"] = regions.key_location(final_stats, cfg["key_z"], cfg["max_rows"],
+                                                  cfg["null_draws"], cfg["bootstrap"], cfg["seed"])
     tables["lape_units"] = lape
     tables["method_overlap"] = regions.set_overlap(key, lape, list(rows)).rename(
         columns={"first": "key", "second": "lape"})
@@ -163,6 +171,8 @@ def lingua_franca(load_model: Callable[[int | None], object], steps: Sequence[in
     if clt_stats is not None:
         clt_scores = regions.scores_by_layer(clt_stats, cfg["max_rows"])
         scores.append(clt_scores.assign(unit="clt", step=steps[-1]))
+        per_row.append(regions.row_scores(*regions.patterns(clt_stats, None, cfg["max_rows"]))
+                       .assign(unit="clt", step=steps[-1]))
         n_layers = len(next(iter(clt_stats.values())).means)
         width = next(iter(clt_stats.values())).means[0].shape[1]
         _, c = _key_counts(clt_stats, cfg, n_layers)
@@ -170,4 +180,71 @@ def lingua_franca(load_model: Callable[[int | None], object], steps: Sequence[in
         similarity["clt"] = display_similarity(clt_stats, cfg["display_rows"])
     tables["scores"] = pd.concat(scores, ignore_index=True)
     tables["key_counts"] = pd.concat(counts, ignore_index=True)
+    tables["row_scores"] = pd.concat(per_row, ignore_index=True)
     return {"tables": tables, "similarity": similarity}
+
+
+# ------------------------------------------------------------------------ verdicts -----
+
+def _rows(table: pd.DataFrame, unit: str, step: int) -> pd.DataFrame:
+    return table[(table["unit"] == unit) & (table["step"] == step)].sort_values("meaning")
+
+
+def verdicts(out: Mapping[str, Mapping], counted_steps: Mapping[str, Sequence[int]],
+             n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Verdict rows of claims C1-C4 from the loaded neurons stages ``out`` (model name ->
+    tables; the first name is the reference, the last the largest) and, per model, the
+    checkpoints at which training had moved the loss (``models.load.trained_steps``)."""
+    from .claims import mean_interval, paired_difference, verdict
+
+    rows_unit = "parallel rows"
+    res = []
+    names = list(out)
+    for name in names:
+        rs, steps = out[name]["row_scores"], out[name]["steps"]
+        final = _rows(rs, "mlp", steps[-1])
+        for score, words in (("lrds", "LRDS (same language minus different languages)"),
+                             ("sads", "SADS (translation minus different sentence)")):
+            est, lo, hi = mean_interval(final[score], n_boot, seed)
+            res.append(verdict("C1", f"{words}, final checkpoint, all layers", est, lo, hi,
+                               control="0: no region / no alignment", n_units=len(final),
+                               units=rows_unit, chapter="10", model=name))
+        moved = [s for s in steps if s in set(counted_steps.get(name, steps))]
+        if len(moved) >= 2:
+            a, b = _rows(rs, "mlp", moved[0]), _rows(rs, "mlp", moved[-1])
+            est, lo, hi = paired_difference(b["sads"].to_numpy(), a["sads"].to_numpy(), n_boot, seed)
+            res.append(verdict("C1", f"SADS growth, step {moved[0]} to {moved[-1]}", est, lo, hi,
+                               control="the same rows at the first checkpoint after the loss moved",
+                               n_units=len(a), units=rows_unit, chapter="10", model=name))
+    if len(names) > 1:
+        small, big = names[0], names[-1]
+        a = _rows(out[small]["row_scores"], "mlp", out[small]["steps"][-1])
+        b = _rows(out[big]["row_scores"], "mlp", out[big]["steps"][-1])
+        est, lo, hi = paired_difference(b["sads"].to_numpy(), a["sads"].to_numpy(), n_boot, seed)
+        res.append(verdict("C2", f"final SADS of {big} minus {small}", est, lo, hi,
+                           control=f"{small} on the same rows", n_units=len(a), units=rows_unit,
+                           chapter="10", model=big))
+    for name in names:
+        loc = out[name]["key_location"].set_index("spread").loc["all"]
+        res.append(verdict("C3", "share of key neurons (one z spread for all layers) in the first and last layers",
+                           loc["edge_share"], loc["low"], loc["high"], null=loc["null_edge_share"],
+                           control=f"the same share with rows' language labels shuffled "
+                                   f"({loc['null_keys']:.0f} key neurons there against {loc['keys']:.0f})",
+                           n_units=int(out[name]["rows"]), units=rows_unit, chapter="10", model=name,
+                           counted=bool(loc["keys"] > 0),
+                           note="" if loc["keys"] > 0 else "no key neuron"))
+        s = ablation_summary(out[name]["ablation"])
+        own = s[s["ablated"] == s["language"]].set_index("language")
+        if own.empty:
+            continue
+        est, lo, hi = mean_interval(own["excess"], n_boot, seed)
+        res.append(verdict("C4", "own-language loss change, key neurons minus random neurons of the same layers",
+                           est, lo, hi, control="zeroing as many random neurons (mean of the draws)",
+                           n_units=len(own), units="languages", chapter="10", model=name))
+        other = s[s["ablated"] != s["language"]].groupby("ablated")["key"].mean()
+        diff = own["key"] - other.reindex(own.index)
+        est, lo, hi = mean_interval(diff, n_boot, seed)
+        res.append(verdict("C4", "own-language loss change minus the other languages' (key neurons zeroed)",
+                           est, lo, hi, control="the other languages' change under the same ablation",
+                           n_units=int(diff.notna().sum()), units="languages", chapter="10", model=name))
+    return res

@@ -138,7 +138,9 @@ _BASE: dict[str, Any] = {
         "lape_share": 0.01,            # LAPE: lowest-entropy share of all neurons ...
         "lape_quantile": 0.95,         # ... among those whose top firing probability reaches this quantile
         "ablation_tokens": 4096,       # language-modelling test tokens per language for the ablations
-        "ablation_draws": 3,           # random-neuron control sets per language
+        "ablation_draws": 5,           # random-neuron control sets per language
+        "null_draws": 5,               # language-label shufflings of the key-neuron location null
+        "bootstrap": 200,              # resamples of parallel rows for the key-neuron location
         "display_rows": 40,            # rows per language in the similarity figure
     },
     # the bilingual run of chapter 09 (paper B): its own corpus, tokenizer, data and models,
@@ -170,6 +172,7 @@ _BASE: dict[str, Any] = {
         "language_share": 0.9,         # > this share of contexts in one language: monolingual
         "stitch_batches": 6,           # text batches (confidence intervals over them)
         "stitch_rows": 8,              # rows per batch and language
+        "control_draws": 5,            # monolingual / random latent sets drawn per stitching cell
     },
 }
 

@@ -112,13 +112,36 @@ def tidy_executed(path: Path) -> None:
     nbformat.write(nb, str(path))
 
 
-def build_book(strict: bool = True) -> Path:
+LANDING = EXECUTED / "claims_landing.md"    # included by book/intro.md
+
+
+def write_landing(preset: str, run: str, overrides: dict | None = None) -> Path:
+    """The landing page's claims table for the run the book is built from."""
+    import datetime
+
+    from .artifacts import Stage, atomic_path, config_hash
+    from .claims import landing_markdown, read_verdicts
+
+    cfg = load_preset(preset, overrides or {})
+    folder = Stage(run, "results").path
+    stamps = [p.stat().st_mtime for p in folder.glob("*/verdicts.csv")] if folder.exists() else []
+    date = datetime.date.fromtimestamp(max(stamps)).isoformat() if stamps else "no recorded verdicts"
+    chapters = {s.name[:2]: f"/book/chapters/{s.stem}" for s in chapter_sources()}
+    EXECUTED.mkdir(parents=True, exist_ok=True)
+    with atomic_path(LANDING) as tmp:
+        Path(tmp).write_text(landing_markdown(read_verdicts(run), preset, config_hash(cfg), date, chapters))
+    return LANDING
+
+
+def build_book(strict: bool = True, preset: str = "tiny", run: str | None = None,
+               overrides: dict | None = None) -> Path:
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(REPO)]
     if strict:
         cmd += ["--warningiserror", "--keep-going"]
     missing = [s.name for s in chapter_sources() if not (EXECUTED / s.name).exists()]
     if missing:
         raise ChapterFailed(f"cannot build the book: chapters not executed yet: {missing}")
+    write_landing(preset, run or preset, overrides)
     subprocess.run(cmd, check=True, cwd=REPO)
     return REPO / "_build" / "html" / "index.html"
 
@@ -154,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_chapter(source, parameters)
                 print(f"== chapter {source.stem} done in {time.time() - start:.0f} s", flush=True)
         if not args.no_build:
-            index = build_book()
+            index = build_book(preset=args.preset, run=parameters["run"], overrides=overrides)
             print(f"book built: {index}")
     except ChapterFailed as err:
         print(f"ERROR: {err}", file=sys.stderr)

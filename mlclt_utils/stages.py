@@ -769,7 +769,7 @@ def _neurons_config(preset, key) -> dict:
     f = preset["features"]
     return {"model_name": key, "languages": list(preset["corpus"]["languages"]),
             "parallel": f["parallel"], "batch_size": f["batch_size"], "seed": preset["seed"],
-            **preset["neurons"]}
+            "ablation_split": "validation", **preset["neurons"]}
 
 
 def _build_neurons(ctx: BuildContext):
@@ -790,8 +790,10 @@ def _build_neurons(ctx: BuildContext):
     n_ctx = ctx.preset["models"]["n_ctx"]
     rows = {lang: verse_rows(tokenizer, parallel.texts[lang], n_ctx) for lang in parallel.languages}
     per_lang = max(1, cfg["ablation_tokens"] // n_ctx)
-    test = ctx.input("data", model_mixture(ctx.key))["test"]
-    eval_sets = {lang: test[lang][:per_lang] for lang in parallel.languages if lang in test}
+    # the parallel rows that choose the key neurons come from the test books: the ablation is
+    # scored on the validation books, so neurons are never chosen and scored on the same text
+    held_out = ctx.input("data", model_mixture(ctx.key))[cfg["ablation_split"]]
+    eval_sets = {lang: held_out[lang][:per_lang] for lang in parallel.languages if lang in held_out}
     steps = checkpoint_steps(stage("models", ctx.run, ctx.key, ctx.root).path)
     units = ctx.input("unit_stats", ctx.key)
     clt_stats = {lang: units["clt"][lang] for lang in parallel.languages}
@@ -805,7 +807,8 @@ def _build_neurons(ctx: BuildContext):
                                              "eval_rows": {k: len(v) for k, v in eval_sets.items()}})
 
 
-NEURON_TABLES = ("scores", "key_counts", "key_units", "lape_units", "method_overlap", "ablation")
+NEURON_TABLES = ("scores", "key_counts", "key_units", "key_location", "lape_units", "method_overlap",
+                 "ablation", "row_scores")
 
 
 def _load_neurons(st: Stage) -> dict:
@@ -841,7 +844,8 @@ def _saes_config(preset, key) -> dict:
 def _stitching_config(preset, key) -> dict:
     bi = preset["bilingual"]
     return {"model_name": key, "languages": list(preset["corpus"]["languages"]), "seed": preset["seed"],
-            "stitch_batches": bi["stitch_batches"], "stitch_rows": bi["stitch_rows"]}
+            "stitch_batches": bi["stitch_batches"], "stitch_rows": bi["stitch_rows"],
+            "control_draws": bi["control_draws"]}
 
 
 def _build_saes(ctx: BuildContext):
@@ -912,7 +916,8 @@ def _build_stitching(ctx: BuildContext):
         target = ctx.input("models", ctx.key, step=step)
         for layer, (sae, lab) in final_saes.items():
             parts.append(stitching_table(target, final, sae, layer, batches, lab, cfg["languages"],
-                                         seed=cfg["seed"]).assign(step=step, layer=layer))
+                                         seed=cfg["seed"], draws=cfg["control_draws"])
+                         .assign(step=step, layer=layer))
     _write_tables(ctx.stage, {"stitching": pd.concat(parts, ignore_index=True)})
 
 

@@ -98,3 +98,13 @@ def test_sentence_leads_with_claim_and_verdict():
     s = claims.sentence(_row("B4", "fails", "09", "s-en50"))
     assert s.startswith("**B4 (s-en50): fails.**") and "10 verses" in s
     assert "not counted (not trained on)" in claims.sentence(_row("A2", "holds", "04", counted=False))
+
+
+def test_landing_table_links_chapters_and_says_what_tiny_verdicts_mean():
+    rows = pd.DataFrame([_row("A1", "holds", "04")])
+    text = claims.landing_markdown(rows, "tiny", "abcdef0123456789", "2026-12-03",
+                                   {"04": "/book/chapters/04_shared_features"})
+    assert "{doc}`04 </book/chapters/04_shared_features>`" in text and "`abcdef012345`" in text
+    assert "about the code running" in text
+    assert "| A5 |" in text and "not measured" in text
+    assert "about the code running" not in claims.landing_markdown(rows, "small", "x", "d")

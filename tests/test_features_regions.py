@@ -254,3 +254,47 @@ def test_neurons_stage_on_the_micro_chain(chain_copy):
     again = stages.load("neurons", preset, RUN, "s-en50", chain_copy)
     for k, df in first.items():
         pd.testing.assert_frame_equal(df, again[k])
+
+
+def test_row_scores_average_to_the_region_scores_against_the_loop_reference():
+    rng = np.random.default_rng(4)
+    meaning_vec = rng.normal(size=(12, 20))
+    blocks = {lang: [np.abs(meaning_vec + rng.normal(size=20) * 2 + rng.normal(size=(12, 20)) * 0.5)]
+              for lang in LANGS}
+    x, lang, meaning = regions.patterns(_stats(blocks))
+    rows = regions.row_scores(x, lang, meaning)
+    lrds, sads = _reference_scores(x, lang, meaning)
+    assert len(rows) == 12
+    assert rows["lrds"].mean() == pytest.approx(lrds) and rows["sads"].mean() == pytest.approx(sads)
+
+
+def _located(signal_layers, n_layers=4, rows=40, units=60, seed=0):
+    """Patterns of equal scale in every layer: units 0-29 are lifted in every layer, for every
+    language, except in ``signal_layers``, where each language lifts only its own ten."""
+    rng = np.random.default_rng(seed)
+    blocks = {}
+    for i, lang in enumerate(LANGS):
+        layers = []
+        for layer in range(n_layers):
+            m = np.abs(rng.normal(1.0, 0.3, size=(rows, units)))
+            if layer in signal_layers:
+                m[:, i * 10:(i + 1) * 10] += 3.0
+            else:
+                m[:, :30] += 3.0
+            layers.append(m)
+        blocks[lang] = layers
+    return _stats(blocks)
+
+
+def test_key_location_sees_planted_edge_neurons_and_the_null_does_not():
+    loc = regions.key_location(_located({0, 3}), draws=5, n_boot=50).set_index("spread")
+    pooled = loc.loc["all"]
+    assert pooled["edge_share"] == 1.0 and pooled["low"] > pooled["null_edge_share"]
+    assert pooled["null_keys"] < pooled["keys"]
+
+
+def test_key_location_without_language_signal_is_no_concentration():
+    from mlclt_utils.claims import decide
+
+    loc = regions.key_location(_located(set(), seed=1), draws=5, n_boot=100).set_index("spread").loc["all"]
+    assert decide(loc["low"], loc["high"], loc["null_edge_share"]) != "holds"

@@ -11,7 +11,7 @@ from mlclt_utils.features.contexts import label_shares, top_contexts, unit_langu
 from mlclt_utils.features.language import TokenLanguages
 from mlclt_utils.models.config import build_model, model_config
 from mlclt_utils.sae.dynamics import sae_layers
-from mlclt_utils.sae.stitch import latent_output, stitched_loss, stitching_summary, stitching_table
+from mlclt_utils.sae.stitch import latent_output, stitched_loss, stitching_summary, stitching_table, verdicts
 from mlclt_utils.sae.train import SAETrainingConfig, train_saes
 from mlclt_utils.tokenizer import BOS_ID, PAD_ID
 
@@ -159,6 +159,37 @@ def test_stitching_table_and_summary(models_and_sae):
     mine = t[(t["condition"] == "bilingual") & (t["mode"] == "add") & (t["language"] == "en")]["loss"].to_numpy()
     assert row["loss_change"] == pytest.approx(float((mine - base).mean()))
     assert row["low"] <= row["loss_change"] <= row["high"] and row["batches"] == 3
+    assert set(t[t["condition"] == "monolingual"]["draw"]) == set(range(5))      # controls drawn 5 times
+    assert (t[t["condition"] == "none"]["norm"] == 0).all() and (t[t["condition"] == "bilingual"]["norm"] > 0).all()
+
+
+def _stitching(effect: float, seed: int = 0) -> pd.DataFrame:
+    """A stitching table with 2 languages x 8 batches; bilingual latents change the loss by
+    ``effect`` against the monolingual and random controls (noise 0.05 per batch)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for lang in ("en", "ja"):
+        for b in range(8):
+            base = 4 + rng.normal(0, 0.5)
+            rows.append({"condition": "none", "mode": "none", "draw": 0, "language": lang, "batch": b,
+                         "latents": 0, "norm": 0.0, "loss": base})
+            rows.append({"condition": "bilingual", "mode": "add", "draw": 0, "language": lang, "batch": b,
+                         "latents": 6, "norm": 1.0, "loss": base - 0.1 + effect + rng.normal(0, 0.05)})
+            for d in range(5):
+                for cond in ("monolingual", "random"):
+                    rows.append({"condition": cond, "mode": "add", "draw": d, "language": lang, "batch": b,
+                                 "latents": 6, "norm": 1.0, "loss": base - 0.1 + rng.normal(0, 0.05)})
+    return pd.DataFrame(rows).assign(step=10, layer=1)
+
+
+def test_stitching_verdict_on_planted_data():
+    helps = verdicts(_stitching(-0.2), [10], "m")
+    assert [v["verdict"] for v in helps] == ["holds", "holds"] and helps[0]["n_units"] == 16
+    assert {v["verdict"] for v in verdicts(_stitching(0.0, seed=1), [10], "m")} <= {"inconclusive"}
+    assert verdicts(_stitching(-0.2), [], "m") == []                     # no counted checkpoint
+    short = _stitching(-0.2)
+    short.loc[short["condition"] == "monolingual", "latents"] = 3
+    assert not verdicts(short, [10], "m")[0]["counted"]                  # unequal counts: shown only
 
 
 def test_sae_latents_source_reads_the_saes_layers(models_and_sae):

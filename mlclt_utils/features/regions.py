@@ -98,6 +98,27 @@ def region_scores(x: np.ndarray, language: Sequence, meaning: Sequence) -> dict:
     return out
 
 
+def row_scores(x: np.ndarray, language: Sequence, meaning: Sequence) -> pd.DataFrame:
+    """``meaning, lrds, sads``: each parallel row's share of the two scores, so that their mean
+    over rows is :func:`region_scores` exactly (every row has the same number of pairs) and an
+    interval can resample rows. Row i's LRDS: mean over languages a of [similarity of (i, a)
+    to other rows of a minus to rows of other languages]; its SADS: mean over language pairs
+    a != b of [similarity of (i, a) to (i, b) minus to other rows (j, b)]."""
+    language, meaning = np.asarray(language), np.asarray(meaning)
+    s = cosine_matrix(x)
+    same_lang = language[:, None] == language[None, :]
+    same_meaning = meaning[:, None] == meaning[None, :]
+    off = ~np.eye(len(x), dtype=bool)
+
+    def mean_where(mask):
+        return (s * mask).sum(1) / np.maximum(mask.sum(1), 1)
+
+    point_lrds = mean_where(same_lang & off) - mean_where(~same_lang)
+    point_sads = mean_where(same_meaning & ~same_lang) - mean_where(~same_meaning & ~same_lang)
+    out = pd.DataFrame({"meaning": meaning, "lrds": point_lrds, "sads": point_sads})
+    return out.groupby("meaning", sort=True)[["lrds", "sads"]].mean().reset_index()
+
+
 def scores_by_layer(stats: Mapping[str, UnitStats], max_rows: int | None = None) -> pd.DataFrame:
     """LRDS and SADS of every layer alone and of all layers concatenated (``layer == "all"``)."""
     rows = []
@@ -134,8 +155,26 @@ def same_language_contributions(stats: Mapping[str, UnitStats], max_rows: int | 
     return np.stack(out)
 
 
+def _excess_z(c: np.ndarray, layer: np.ndarray, spread: str) -> np.ndarray:
+    """z-scores of the excess contributions ``c - mean over languages``, the spread taken per
+    layer (``spread="layer"``) or over every unit of every layer (``"all"``)."""
+    if spread not in SPREADS:
+        raise ValueError(f"spread must be one of {SPREADS}, got {spread!r}")
+    excess = c - c.mean(0, keepdims=True)
+    z = np.zeros_like(excess)
+    groups = [layer == l for l in np.unique(layer)] if spread == "layer" else [np.ones_like(layer, bool)]
+    for cols in groups:
+        sd = excess[:, cols].std()
+        if sd > 0:
+            z[:, cols] = excess[:, cols] / sd
+    return z
+
+
+SPREADS = ("layer", "all")
+
+
 def key_units(stats: Mapping[str, UnitStats], z_threshold: float = 2.0,
-              max_rows: int | None = None) -> pd.DataFrame:
+              max_rows: int | None = None, spread: str = "layer") -> pd.DataFrame:
     """Key linguistic units of every language: ``language, layer, unit, contribution, z``.
 
     A unit's excess for language L is its contribution to L's same-language similarity minus
@@ -144,24 +183,73 @@ def key_units(stats: Mapping[str, UnitStats], z_threshold: float = 2.0,
     z_threshold``. Why not the z-score of each unit across languages alone: with N languages
     that z-score can never exceed sqrt(N - 1) (exactly 2 for five languages, so "z > 2"
     would select nothing), and it ignores scale, so a unit that barely fires anywhere could
-    stand out. Pooling the spread over the layer keeps the scale and works for any N."""
+    stand out. Pooling the spread over the layer keeps the scale and works for any N; but a
+    spread per layer gives every layer about the same share of units above the threshold, so
+    *where* the key units are is read with ``spread="all"`` (one spread for every layer)."""
     if z_threshold <= 0:
         raise ValueError(f"z_threshold must be positive, got {z_threshold}")
     c = same_language_contributions(stats, max_rows)
-    excess = c - c.mean(0, keepdims=True)
     layer, unit = _unit_layers(stats)
-    z = np.zeros_like(excess)
-    for l in np.unique(layer):
-        cols = layer == l
-        sd = excess[:, cols].std()
-        if sd > 0:
-            z[:, cols] = excess[:, cols] / sd
+    z = _excess_z(c, layer, spread)
     li, ui = np.nonzero(z > z_threshold)
     langs = np.array(list(stats))
     return pd.DataFrame({"language": langs[li], "layer": layer[ui], "unit": unit[ui],
                          "contribution": c[li, ui], "z": z[li, ui]}
                         ).sort_values(["language", "layer", "z"], ascending=[True, True, False],
                                       ignore_index=True)
+
+
+def _contributions(xn: np.ndarray, lang: np.ndarray, languages: Sequence[str]) -> np.ndarray:
+    out = []
+    for code in languages:
+        block = xn[lang == code]
+        n = len(block)
+        total = block.sum(0)
+        out.append((total ** 2 - (block ** 2).sum(0)) / (n * (n - 1)))
+    return np.stack(out)
+
+
+def key_location(stats: Mapping[str, UnitStats], z_threshold: float = 2.0,
+                 max_rows: int | None = None, draws: int = 5, n_boot: int = 200,
+                 seed: int = 0) -> pd.DataFrame:
+    """Where key units sit, against a null: per spread ("layer", "all"), the share of key
+    units in the first and last layers with a bootstrap interval over parallel rows (rows
+    resampled in every language together), and the same share and count under ``draws``
+    shufflings of the rows' language labels (a null that keeps every unit's activations and
+    only breaks which language a row belongs to). Columns: ``spread, keys, edge_share, low,
+    high, null_keys, null_edge_share``."""
+    x, lang, meaning = patterns(stats, None, max_rows)
+    xn = normalise(x)
+    languages = list(stats)
+    layer, _ = _unit_layers(stats)
+    n_layers = int(layer.max()) + 1
+    edge = (layer == 0) | (layer == n_layers - 1)
+    rng = np.random.default_rng(seed)
+    n_rows = int(meaning.max()) + 1          # patterns(): languages in blocks of n_rows, in order
+
+    def keys(xn_, lang_, spread):
+        z = _excess_z(_contributions(xn_, lang_, languages), layer, spread)
+        hit = (z > z_threshold).any(0)
+        return int(hit.sum()), float(edge[hit].mean()) if hit.any() else float("nan")
+
+    out = []
+    for spread in SPREADS:
+        n, share = keys(xn, lang, spread)
+        boot = []
+        for _ in range(n_boot):
+            pick = rng.integers(0, n_rows, n_rows)
+            idx = (np.arange(len(languages))[:, None] * n_rows + pick[None, :]).ravel()
+            boot.append(keys(xn[idx], lang[idx], spread)[1])
+        boot = np.asarray(boot)
+        boot = boot[np.isfinite(boot)]
+        lo, hi = np.quantile(boot, [0.025, 0.975]) if boot.size else (np.nan, np.nan)
+        null = [keys(xn, rng.permutation(lang), spread) for _ in range(draws)]
+        out.append({"spread": spread, "keys": n, "edge_share": share, "low": float(lo), "high": float(hi),
+                    "null_keys": float(np.mean([k for k, _ in null])),
+                    "null_edge_share": float(np.nanmean([e for _, e in null]))
+                    if any(np.isfinite(e) for _, e in null) else float("nan"),
+                    "even_share": float(edge.mean())})
+    return pd.DataFrame(out)
 
 
 def unit_counts(units: pd.DataFrame, languages: Sequence[str], n_layers: int) -> pd.DataFrame:

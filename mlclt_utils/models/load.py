@@ -82,6 +82,22 @@ def read_metrics(run: str, model_name: str, root=None):
     return pd.DataFrame(rows)
 
 
+def trained_steps(steps: list[int], metrics, share: float = 0.1) -> list[int]:
+    """The checkpoints at which training has moved the loss: the logged loss (mean validation
+    loss over languages, else the training loss), read at the checkpoint's step, has fallen
+    by at least ``share`` of its whole fall. Earlier checkpoints are shown, not counted."""
+    import numpy as np
+
+    cols = [c for c in metrics.columns if c.startswith("val_loss_")] or ["train_loss"]
+    m = metrics.dropna(subset=cols).sort_values("step")
+    if m.empty:
+        return list(steps)
+    loss = m[cols].mean(1).to_numpy()
+    at = np.interp(np.asarray(steps, dtype=float), m["step"].to_numpy(dtype=float), loss)
+    cut = loss[0] - share * (loss[0] - loss.min())
+    return [int(s) for s, v in zip(steps, at) if v <= cut]
+
+
 # ----------------------------------------------------------------------------- generation
 
 def _encode(tokenizer, text: str, special: bool = False) -> list[int]:

@@ -114,3 +114,60 @@ def bilingual_dynamics(load_model: Callable[[int], object], steps: Sequence[int]
             tables["shares"] += [pd.DataFrame([{"step": step, "layer": layer, "label": k, "share": v}
                                                for k, v in label_shares(g, languages).items()])]
     return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in tables.items()}
+
+
+def bilingual_verdicts(labels: Mapping[str, pd.DataFrame], quality: Mapping[str, pd.DataFrame],
+                       counted_steps: Mapping[str, Sequence[int]], max_fvu: float, max_dead: float,
+                       max_position_share: float = 0.5) -> list[dict]:
+    """Claims B1-B3 from each model's latent labels (``step, layer, unit, label,
+    position_share``) and SAE quality (``step, layer, fvu, dead_share, d_sae, k``), over the
+    live latents that are not positional (``position_share`` at most ``max_position_share``)
+    of the SAEs that meet the quality bar, at checkpoints where training had moved the loss.
+    Shares are compared with Newcombe intervals over latents. ``labels`` is ordered smaller
+    model first, larger last."""
+    from ..claims import proportion_difference, verdict
+
+    def usable(name):
+        lab, q = labels[name], quality[name]
+        ok = q[(q["fvu"] <= max_fvu) & (q["dead_share"] <= max_dead)][["step", "layer"]]
+        lab = lab.merge(ok, on=["step", "layer"])
+        lab = lab[(lab["label"] != "dead") & (lab["position_share"] <= max_position_share)]
+        return lab[lab["step"].isin(list(counted_steps[name]))]
+
+    def count(lab):
+        return int((lab["label"] == "bilingual").sum()), len(lab)
+
+    out, finals = [], {}
+    common = dict(units="live non-positional latents", chapter="09")
+    for name in labels:
+        lab = usable(name)
+        steps = sorted(lab["step"].unique())
+        if not steps:
+            continue
+        first, last = lab[lab["step"] == steps[0]], lab[lab["step"] == steps[-1]]
+        finals[name] = last
+        if len(steps) >= 2:
+            d = proportion_difference(*count(last), *count(first))
+            out.append(verdict("B1", f"bilingual share, step {steps[-1]} minus step {steps[0]}", *d,
+                               control=f"the share at step {steps[0]}, the first SAE checkpoint after the loss moved",
+                               n_units=len(first) + len(last), model=name, **common))
+        layers = sorted(labels[name]["layer"].unique())
+        if len(layers) >= 3:
+            edge = last["layer"].isin([layers[0], layers[-1]])
+            if edge.any() and (~edge).any():
+                d = proportion_difference(*count(last[~edge]), *count(last[edge]))
+                out.append(verdict("B2", f"bilingual share at step {steps[-1]}, middle layers minus first and last",
+                                   *d, control="the first and last layers' share",
+                                   n_units=len(last), model=name, **common))
+    names = list(labels)
+    if len(names) > 1 and names[0] in finals and names[-1] in finals:
+        small, big = names[0], names[-1]
+        density = {n: set((quality[n]["k"] / quality[n]["d_sae"]).round(6)) for n in (small, big)}
+        same = density[small] == density[big] and len(density[small]) == 1
+        d = proportion_difference(*count(finals[big]), *count(finals[small]))
+        out.append(verdict("B3", f"final bilingual share, {big} minus {small}", *d,
+                           control=f"{small}'s share", n_units=len(finals[big]) + len(finals[small]),
+                           model=big, counted=same,
+                           note="" if same else "the two sizes' SAEs have different k / latents, so "
+                                                "density could explain a difference", **common))
+    return out

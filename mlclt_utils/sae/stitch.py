@@ -69,48 +69,104 @@ def stitched_loss(target_model, source_model, sae, layer: int, tokens: Tensor,
 
 
 def stitching_table(target_model, source_model, sae, layer: int, batches: Mapping[str, Sequence[Tensor]],
-                    labels: pd.DataFrame, languages: Sequence[str], seed: int = 0) -> pd.DataFrame:
+                    labels: pd.DataFrame, languages: Sequence[str], seed: int = 0,
+                    draws: int = 5) -> pd.DataFrame:
     """Loss of ``target_model`` per language and text batch under every condition:
     ``none`` (nothing stitched), ``bilingual`` (the SAE's bilingual latents), ``monolingual``
     (as many latents drawn from the monolingual ones, both languages), ``random`` (as many
     latents drawn from all live ones), each added and substituted; ``all`` substitutes every
-    latent (the SAE's reconstruction). ``labels`` is :func:`features.contexts.unit_languages`'
-    table for the SAE. Columns: ``condition, mode, language, batch, latents, loss``."""
+    latent (the SAE's reconstruction). The added controls are drawn ``draws`` times (draw 0
+    also substituted). ``labels`` is :func:`features.contexts.unit_languages`' table for the
+    SAE. Columns: ``condition, mode, draw, language, batch, latents, norm, loss``; ``norm`` is
+    the mean L2 norm of what is stitched in per kept position."""
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}")
     rng = np.random.default_rng(seed)
     bilingual = labels.loc[labels["label"] == "bilingual", "unit"].to_numpy()
     mono = labels.loc[labels["label"].isin(languages), "unit"].to_numpy()
     live = labels.loc[labels["label"] != "dead", "unit"].to_numpy()
     n = len(bilingual)
-    chosen = {"bilingual": bilingual,
-              "monolingual": rng.choice(mono, size=min(n, len(mono)), replace=False),
-              "random": rng.choice(live, size=min(n, len(live)), replace=False)}
-    runs = [("none", "none", None)]
-    runs += [(cond, mode, latents.tolist()) for cond, latents in chosen.items() for mode in MODES]
-    runs.append(("all", "substitute", list(range(labels.shape[0]))))
+    runs = [("none", "none", 0, None)]
+    runs += [("bilingual", mode, 0, bilingual.tolist()) for mode in MODES]
+    for d in range(draws):
+        for cond, pool in (("monolingual", mono), ("random", live)):
+            latents = rng.choice(pool, size=min(n, len(pool)), replace=False).tolist()
+            runs += [(cond, mode, d, latents) for mode in (MODES if d == 0 else ("add",))]
+    runs.append(("all", "substitute", 0, list(range(labels.shape[0]))))
     rows = []
     for lang in languages:
         for b, tokens in enumerate(batches[lang]):
+            keep = kept_positions(tokens)
             with torch.no_grad():
                 state = source_state(source_model, layer, tokens)      # one source pass per batch
-            for cond, mode, latents in runs:
+            for cond, mode, draw, latents in runs:
                 loss = stitched_loss(target_model, source_model, sae, layer, tokens, latents,
                                      "add" if mode == "none" else mode, state=state)
-                rows.append({"condition": cond, "mode": mode, "language": lang, "batch": b,
-                             "latents": len(latents or []), "loss": loss})
+                norm = 0.0
+                if latents is not None:
+                    with torch.no_grad():
+                        carried = latent_output(sae, state, latents, bias=(mode == "substitute"))
+                    norm = float(carried.norm(dim=-1)[keep].mean())
+                rows.append({"condition": cond, "mode": mode, "draw": draw, "language": lang, "batch": b,
+                             "latents": len(latents or []), "norm": norm, "loss": loss})
     return pd.DataFrame(rows)
 
 
-def stitching_summary(table: pd.DataFrame, z: float = 1.96) -> pd.DataFrame:
+def _per_batch(table: pd.DataFrame) -> pd.DataFrame:
+    """Loss per batch and condition, averaged over the control draws."""
+    keys = [k for k in ("layer", "step") if k in table.columns]
+    draw = ["draw"] if "draw" in table.columns else []
+    return (table.drop(columns=draw).groupby(keys + ["mode", "condition", "language", "batch"], sort=False)
+            [["loss", "latents", "norm"] if "norm" in table.columns else ["loss", "latents"]].mean().reset_index())
+
+
+def stitching_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per (layer, step, mode, condition, language) where present: mean change of the loss
-    against ``none`` over text batches, with a normal confidence interval (``z`` x the
-    standard error of the paired per-batch differences)."""
+    against ``none`` over text batches (controls averaged over their draws first), with a t
+    interval of the paired per-batch differences."""
+    from ..claims import t_interval
+
+    table = _per_batch(table)
     keys = [k for k in ("layer", "step") if k in table.columns]
     base = table[table["condition"] == "none"].set_index(keys + ["language", "batch"])["loss"]
     rest = table[table["condition"] != "none"].copy()
     rest["change"] = rest["loss"].to_numpy() - base.loc[
         list(map(tuple, rest[keys + ["language", "batch"]].to_numpy()))].to_numpy()
-    g = rest.groupby(keys + ["mode", "condition", "language"], sort=False)["change"]
-    out = g.agg(["mean", "std", "count"]).reset_index()
-    half = z * out["std"].fillna(0) / np.sqrt(out["count"])
-    out["low"], out["high"] = out["mean"] - half, out["mean"] + half
-    return out.drop(columns=["std"]).rename(columns={"mean": "loss_change", "count": "batches"})
+    rows = []
+    for key, g in rest.groupby(keys + ["mode", "condition", "language"], sort=False):
+        mean, lo, hi = t_interval(g["change"])
+        rows.append({**dict(zip(keys + ["mode", "condition", "language"], key)), "loss_change": mean,
+                     "batches": len(g), "low": lo if np.isfinite(lo) else mean,
+                     "high": hi if np.isfinite(hi) else mean})
+    return pd.DataFrame(rows)
+
+
+def verdicts(table: pd.DataFrame, counted_steps: Sequence[int], model: str) -> list[dict]:
+    """Claim B4 from a stitching table (with ``step`` and ``layer``): the loss change of the
+    added bilingual latents minus that of the added monolingual (and random) latents, per
+    language and text batch (averaged over the counted checkpoints and the layers; controls
+    over their draws), with a t interval over those batches. Holds when bilingual latents
+    lower the loss more (the difference is below 0)."""
+    from ..claims import t_interval, verdict
+
+    add = _per_batch(table[(table["mode"] == "add") & table["step"].isin(list(counted_steps))])
+    out = []
+    if add.empty:
+        return out
+    wide = add.pivot_table(index=["language", "batch"], columns="condition", values="loss", aggfunc="mean")
+    latents = add.groupby("condition")["latents"].mean()
+    norms = add.groupby("condition")["norm"].mean() if "norm" in add else pd.Series(dtype=float)
+    for control in ("monolingual", "random"):
+        if control not in wide or "bilingual" not in wide:
+            continue
+        diff = (wide["bilingual"] - wide[control]).dropna()
+        est, lo, hi = t_interval(diff)
+        equal = bool(np.isclose(latents["bilingual"], latents[control]))
+        out.append(verdict("B4", f"loss change, bilingual minus {control} latents added (nats)", est, lo, hi,
+                           control=f"{control} latents of the same count and layer, mean of the draws "
+                                   f"(injected norm {norms.get(control, np.nan):.2f} vs {norms.get('bilingual', np.nan):.2f})",
+                           n_units=len(diff), units="text batches (both languages)", chapter="09",
+                           direction="less", model=model, counted=equal,
+                           note="" if equal else f"the {control} set is smaller ({latents[control]:.0f} vs "
+                                                 f"{latents['bilingual']:.0f} latents)"))
+    return out

@@ -513,3 +513,46 @@ def ablation_figure(summary: pd.DataFrame, languages: Sequence[str], title: str)
     ax.set_ylabel("key neurons zeroed")
     ax.set_title(title, loc="left")
     return fig
+
+
+VERDICT_COLOURS = {"holds": "#2ca02c", "fails": "#d62728", "inconclusive": "#7f7f7f"}
+
+
+def forest_figure(rows: pd.DataFrame):
+    """Each verdict row's estimate with its 95 % interval against its null (a vertical line),
+    one panel per claim (statistics on different scales never share an axis); colour: the
+    verdict; hollow markers: rows shown but not counted."""
+    claims = list(dict.fromkeys(rows["claim"]))
+    if not claims:
+        raise ValueError("no verdict rows to draw")
+    heights = [max(1, int((rows["claim"] == c).sum())) for c in claims]
+    fig, axes = plt_subplots(len(claims), heights)
+    for ax, claim in zip(axes, claims):
+        part = rows[rows["claim"] == claim].reset_index(drop=True)
+        for i, r in part.iterrows():
+            y = len(part) - 1 - i
+            colour = VERDICT_COLOURS.get(r["verdict"], "black")
+            ax.plot([r["low"], r["high"]], [y, y], color=colour, lw=2)
+            ax.plot([r["estimate"]], [y], "o", color=colour, mfc=colour if r["counted"] else "white")
+            ax.axvline(r["null"], color="black", lw=0.6, ymin=(y + 0.1) / len(part), ymax=(y + 0.9) / len(part))
+        labels = [(f"{m} · " if isinstance(m, str) else "") + _short(s) for m, s in zip(part["model"], part["statistic"])]
+        ax.set_yticks(range(len(part)))
+        ax.set_yticklabels(labels[::-1], fontsize=7)
+        ax.set_ylim(-0.6, len(part) - 0.4)
+        ax.set_title(claim, loc="left", fontsize=9, pad=2)
+        ax.tick_params(axis="x", labelsize=7)
+    return fig
+
+
+def _short(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def plt_subplots(n: int, heights: Sequence[int]):
+    import matplotlib.pyplot as plt
+
+    from .style import TEXT_WIDTH
+
+    fig, axes = plt.subplots(n, 1, figsize=(TEXT_WIDTH, 0.6 + 0.32 * sum(heights) + 0.35 * n),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False, constrained_layout=True)
+    return fig, axes[:, 0]
