@@ -144,9 +144,29 @@ def switch_steers(source_feats, target_feats, target_means, strength: float, cla
             + [Steer(l, f, value=strength * float(target_means[(l, f)])) for l, f in target_feats])
 
 
+MATCH_POOL = 20     # a control feature is drawn among this many of nearest firing frequency
+
+
+def matched_random_features(feats, freq: Mapping | None, taken, n_features: int, rng) -> list:
+    """Per ``(layer, feature)`` of ``feats``, a random feature of the same layer that is not in
+    ``taken`` (the language features) nor drawn already, among the ``MATCH_POOL`` whose firing
+    frequency (``freq[(layer, feature)]``) is nearest to the replaced feature's; uniform over
+    the layer when ``freq`` is None."""
+    out = []
+    for layer, f0 in feats:
+        free = [f for f in range(n_features) if (layer, f) not in taken and (layer, f) not in out]
+        if not free:
+            raise ValueError(f"layer {layer} has no feature left to draw a control from")
+        if freq is not None:
+            target = freq.get((layer, f0), 0.0)
+            free = sorted(free, key=lambda f: abs(freq.get((layer, f), 0.0) - target))[:MATCH_POOL]
+        out.append((layer, int(free[int(rng.integers(len(free)))])))
+    return out
+
+
 def language_switch(model, clt, prompts, features, means, classify, strengths: Sequence[float],
-                    clamp_scale: float = 0.0, max_new_tokens: int = 8, controls: int = 2,
-                    seed: int = 0, progress: bool = True):
+                    clamp_scale: float = 0.0, max_new_tokens: int = 8, controls: int = 5,
+                    seed: int = 0, progress: bool = True, freq: Mapping | None = None):
     """Steer every prompt of language A towards every other language B and classify the
     language of the greedy continuation.
 
@@ -158,12 +178,14 @@ def language_switch(model, clt, prompts, features, means, classify, strengths: S
     ids -> language code.
 
     The control clamps and sets as many random features of the same layers (none of them a
-    language feature), ``controls`` draws per prompt. Returns one row per prompt, target
-    language, strength and kind ("steer", "control"), plus a "baseline" row per prompt,
-    with the continuation (ids), its language ("none" when it holds no letter), whether it
-    mostly repeats itself (degenerate), success (language == target; for the baseline,
-    language == the prompt's) and, where answers are given, whether the first generated
-    token is the concept's word in the target language.
+    language feature), each drawn among the ``MATCH_POOL`` features whose firing frequency in
+    the same language (``freq[lang][(layer, feature)]``) is nearest to the replaced feature's,
+    so that it fires about as often; ``controls`` draws per prompt. Returns one row per prompt,
+    target language, strength, kind ("steer", "control") and draw, plus a "baseline" row per
+    prompt, with the continuation (ids), its language ("none" when it holds no letter),
+    whether it mostly repeats itself (degenerate), success (language == target and not
+    degenerate; for the baseline, language == the prompt's) and, where answers are given,
+    whether the first generated token is the concept's word in the target language.
     """
     import numpy as np
     import pandas as pd
@@ -176,15 +198,8 @@ def language_switch(model, clt, prompts, features, means, classify, strengths: S
     rng = np.random.default_rng(seed)
     F = clt.cfg.d_features
 
-    def random_like(feats):
-        out = []
-        for layer, _ in feats:
-            while True:
-                f = int(rng.integers(F))
-                if (layer, f) not in taken and (layer, f) not in out:
-                    out.append((layer, f))
-                    break
-        return out
+    def random_like(feats, lang):
+        return matched_random_features(feats, None if freq is None else freq[lang], taken, F, rng)
 
     rows = []
     todo = prompts[prompts["language"].isin(langs)]
@@ -192,15 +207,16 @@ def language_switch(model, clt, prompts, features, means, classify, strengths: S
     bar = progress_bar(total=total, desc="interventions", disable=not progress)
     stop = [model.tokenizer.eos_token_id] if getattr(model.tokenizer, "eos_token_id", None) is not None else []
 
-    def record(p, target, strength, kind, out):
+    def record(p, target, strength, kind, out, draw=0):
         text = model.tokenizer.decode(out) if out else ""
         # punctuation, digits or nothing: no language to read, never a success
         lang = classify(out) if any(ch.isalpha() for ch in text) else "none"
         answer = p.get(f"answer_{target}") if target else None
+        degenerate = is_degenerate(text, lang)
         rows.append({"prompt_id": p["prompt_id"], "source": p["language"], "target": target,
-                     "strength": strength, "kind": kind, "continuation": out, "language": lang,
-                     "degenerate": is_degenerate(text, lang),
-                     "success": lang == target if target else lang == p["language"],
+                     "strength": strength, "kind": kind, "draw": draw, "continuation": out, "language": lang,
+                     "degenerate": degenerate,
+                     "success": (lang == target and not degenerate) if target else lang == p["language"],
                      "first_is_answer": (bool(out) and out[0] == int(answer))
                      if answer is not None and not pd.isna(answer) else None})
         bar.update(1)
@@ -214,28 +230,29 @@ def language_switch(model, clt, prompts, features, means, classify, strengths: S
                 if target == p["language"]:
                     continue
                 dst = features[target]
-                draws = [(random_like(src), random_like(dst)) for _ in range(controls)]
+                draws = [(random_like(src, p["language"]), random_like(dst, target)) for _ in range(controls)]
                 # a random feature that never fires in the target gets the mean of the target's
                 # language features, so the control adds as much activation
                 fallback = float(np.mean([means[target][lf] for lf in dst]))
                 for s in strengths:
                     steers = switch_steers(src, dst, means[target], s, clamp_scale)
                     record(p, target, s, "steer", greedy_generate(model, clt, ids, steers, max_new_tokens, stop))
-                    for rs, rd in draws:
+                    for d, (rs, rd) in enumerate(draws):
                         m = {lf: means[target].get(lf, 0.0) or fallback for lf in rd}
                         steers = switch_steers(rs, rd, m, s, clamp_scale)
                         record(p, target, s, "control",
-                               greedy_generate(model, clt, ids, steers, max_new_tokens, stop))
+                               greedy_generate(model, clt, ids, steers, max_new_tokens, stop), d)
     finally:
         bar.close()
     return pd.DataFrame(rows)
 
 
 def switch_prompts(graphs: dict, corpus, tokenizer, languages: Sequence[str], per_language: int,
-                   n_ctx: int, verse_tokens: int = 12):
+                   n_ctx: int, verse_tokens: int = 12, skip_rows: int = 0):
     """Prompts for the switch experiment: chapter 06's cloze prompts of each language (those
     the model answers first), then beginnings (``verse_tokens`` tokens) of test verses not
-    already used, up to ``per_language`` each. Columns: prompt_id, language, kind ("cloze",
+    already used, up to ``per_language`` each, from beyond the first ``skip_rows`` parallel
+    verses (those chose the language features). Columns: prompt_id, language, kind ("cloze",
     "verse"), concept, ids (BOS first), and answer_<lang> for cloze prompts (the first token
     of the concept's word in each language)."""
     import pandas as pd
@@ -259,7 +276,7 @@ def switch_prompts(graphs: dict, corpus, tokenizer, languages: Sequence[str], pe
             rows.append(row)
         missing = per_language - len(mine)
         if corpus.has_parallel:
-            for key, text in zip(corpus.parallel["keys"], corpus.parallel[lang]):
+            for key, text in list(zip(corpus.parallel["keys"], corpus.parallel[lang]))[skip_rows:]:
                 if missing <= 0:
                     break
                 ids = tokenizer.encode(text, add_special_tokens=False)[:verse_tokens]
@@ -299,17 +316,71 @@ def switch_experiment(model, clt, units: dict, lstats: dict, graphs: dict, corpu
                          f"this CLT has them for {steerable or 'none'} (late layers {late}). Lower "
                          f"features.min_frequency ({thresholds['min_frequency']}) or "
                          f"features.min_concentration ({thresholds['min_concentration']})")
-    means = {}
+    means, freq = {}, {}
     for lang in langs:
         m = {l: firing_means(units["clt"][lang], l) for l in late}
         means[lang] = {(l, f): float(v) for l in late for f, v in enumerate(m[l].tolist())}
-    prompts = switch_prompts(graphs, corpus, tok, langs, cfg["prompts_per_language"], model.cfg.n_ctx)
+        s = units["clt"][lang]
+        freq[lang] = {(l, f): float(v) / max(s.n_tokens, 1) for l in late for f, v in enumerate(s.counts[l].tolist())}
+    prompts = switch_prompts(graphs, corpus, tok, langs, cfg["prompts_per_language"], model.cfg.n_ctx,
+                             skip_rows=cfg.get("selection_rows") or 0)
     classify = SpanClassifier(lstats["token_languages"], tok, languages=langs)
     results = language_switch(model, clt, prompts, features, means, classify, cfg["strengths"],
                               cfg["clamp_scale"], cfg["max_new_tokens"], cfg["controls"], cfg["seed"],
-                              progress=progress)
+                              progress=progress, freq=freq)
     check = validate_span_classifier(classify, {l: corpus.parallel[l] for l in langs}, tok,
                                      lengths=(cfg["max_new_tokens"],))
     used = pd.DataFrame([{"language": l, "layer": a, "feature": b} for l, fs in features.items()
                          for a, b in fs], columns=["language", "layer", "feature"])
     return {"results": results, "classifier": check, "features": used, "prompts": prompts}
+
+
+def switch_verdicts(results, prompts, model_name: str, n_boot: int = 1000, seed: int = 0) -> tuple[list[dict], float]:
+    """Claim A4 from the switch results: the strength is chosen on the even-numbered prompts
+    (largest steered-minus-control success) and scored on the odd-numbered ones, so the
+    strength is never chosen and scored on the same prompts. Rows: (1) success (in the target
+    language and not degenerate) of the language features minus the frequency-matched random
+    control, per prompt averaged over targets and draws, bootstrap over prompts; (2) on cloze
+    prompts whose concept has a different first token in source and target, how often the
+    first token is the concept in the target language, steered minus control (shown: the
+    content part of the claim). Returns ``(rows, chosen strength)``."""
+    import numpy as np
+
+    from .claims import bootstrap, verdict
+
+    arms = results[results["kind"].isin(["steer", "control"])]
+    if arms.empty:
+        return [], float("nan")
+    select = arms[arms["prompt_id"] % 2 == 0]
+    score = arms[arms["prompt_id"] % 2 == 1]
+    gain = select.groupby(["strength", "kind"])["success"].mean().unstack()
+    gain = (gain["steer"] - gain["control"]) if {"steer", "control"} <= set(gain) else None
+    if gain is None or score.empty:
+        return [], float("nan")
+    best = float(gain.idxmax())
+    at = score[score["strength"] == best]
+    per_prompt = at.groupby(["prompt_id", "kind"])["success"].mean().unstack().dropna()
+    est, lo, hi = bootstrap(per_prompt[["steer", "control"]].to_numpy(float),
+                            lambda x: float(x[:, 0].mean() - x[:, 1].mean()), n_boot, seed)
+    rows = [verdict("A4", f"switch success (target language, not degenerate), language features minus control, "
+                          f"strength {best:g} (chosen on other prompts)", est, lo, hi,
+                    control="as many random features of the same layers, matched in firing frequency, 5 draws",
+                    n_units=len(per_prompt), units="held-out prompts", chapter="07", model=model_name)]
+    answers = [c for c in prompts.columns if c.startswith("answer_")]
+    if answers:
+        table = at.merge(prompts[["prompt_id"] + answers], on="prompt_id")
+        own = [table.loc[i, f"answer_{table.loc[i, 'source']}"] for i in table.index]
+        tgt = [table.loc[i, f"answer_{table.loc[i, 'target']}"] for i in table.index]
+        distinct = [(a == a and b == b and a != b) for a, b in zip(own, tgt)]
+        table = table[np.asarray(distinct, bool) & table["first_is_answer"].notna()]
+        if len(table):
+            kept = table.assign(hit=table["first_is_answer"].astype(bool).astype(float))
+            kept = kept.groupby(["prompt_id", "kind"])["hit"].mean().unstack().dropna()
+            if {"steer", "control"} <= set(kept) and len(kept) >= 2:
+                est, lo, hi = bootstrap(kept[["steer", "control"]].to_numpy(float),
+                                        lambda x: float(x[:, 0].mean() - x[:, 1].mean()), n_boot, seed)
+                rows.append(verdict("A4", "first token is the concept in the target language, steered minus control",
+                                    est, lo, hi, control="the frequency-matched random control",
+                                    n_units=len(kept), units="held-out cloze prompts", chapter="07",
+                                    model=model_name))
+    return rows, best

@@ -128,7 +128,7 @@ _BASE: dict[str, Any] = {
         "strengths": [1.0, 2.0, 4.0, 8.0, 16.0],  # target features set to this x their mean firing value
         "clamp_scale": -1.0,           # source features set to this x their activation
         "max_new_tokens": 8,           # greedy continuation length, classified by language
-        "controls": 2,                 # random-feature draws per prompt and target
+        "controls": 5,                 # frequency-matched random-feature draws per prompt and target
     },
     # language regions and semantic alignment of MLP neurons over training (chapter 10);
     # the parallel set is the features section's

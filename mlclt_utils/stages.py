@@ -665,7 +665,7 @@ def _language_stats_config(preset, key) -> dict:
             "probe_tokens": f["probe_tokens"], "probe_max_iter": f["probe_max_iter"],
             "top_tokens": f["top_tokens"], "batch_size": f["batch_size"],
             "min_frequency": f["min_frequency"], "min_concentration": f["min_concentration"],
-            "seed": preset["seed"]}
+            "seed": preset["seed"], "trained_languages": trained_languages(preset, key)}
 
 
 def _build_language_stats(ctx: BuildContext):
@@ -689,7 +689,7 @@ def _load_language_stats(st: Stage) -> dict:
     "token_languages": TokenLanguages, "languages", "late_layers", "lift_languages", ...}``."""
     from .features.language import TokenLanguages
 
-    out = _load_tables(st, ("probe", "language_features", "feature_counts", "tokens"))
+    out = _load_tables(st, ("probe", "language_features", "feature_counts", "tokens", "lift_null"))
     out["token_languages"] = TokenLanguages.from_dict(read_json(st.file("token_languages.json")))
     return {**out, **read_json(st.file("info.json"))}
 
@@ -731,7 +731,8 @@ register(StageKind("graphs", "06", _graphs_config,
 
 def _interventions_config(preset, key) -> dict:
     return {"model_name": key, "languages": list(preset["corpus"]["languages"]),
-            "seed": preset["seed"], **preset["interventions"]}
+            "seed": preset["seed"], "selection_rows": preset["features"]["max_rows"],
+            **preset["interventions"]}
 
 
 def _build_interventions(ctx: BuildContext):

@@ -129,8 +129,52 @@ def test_language_switch_rows_match_direct_generation():
     expected = greedy_generate(model, clt, prompts["ids"][0],
                                switch_steers(features["en"], features["fr"], means["fr"], 4.0, -1.0), 3)
     assert row["continuation"] == expected and row["target"] == "fr"
-    assert row["success"] == (classify(expected) == "fr" if any(
+    assert row["success"] == (classify(expected) == "fr" and not row["degenerate"] if any(
         c.isalpha() for c in model.tokenizer.decode(expected)) else False)
     assert row["first_is_answer"] == (expected[0] == 9)
     base = out[out["kind"] == "baseline"]
     assert (base["target"].isna()).all() and len(base) == 2
+
+
+def test_control_features_are_matched_in_firing_frequency():
+    import numpy as np
+
+    from mlclt_utils.interventions import MATCH_POOL, matched_random_features
+
+    F = 200
+    freq = {(1, f): f / F for f in range(F)}                 # frequency grows with the id
+    taken = {(1, 100), (1, 101)}
+    rng = np.random.default_rng(0)
+    drawn = [matched_random_features([(1, 100), (1, 101)], freq, taken, F, rng) for _ in range(50)]
+    ids = np.array([[f for _, f in d] for d in drawn])
+    assert (np.abs(ids - 100) <= MATCH_POOL // 2 + 2).all()                     # near in frequency
+    assert (ids[:, 0] != ids[:, 1]).all() and not np.isin(ids, [100, 101]).any()
+    uniform = np.array([f for _ in range(50) for _, f in matched_random_features([(1, 100)], None, taken, F, rng)])
+    assert (np.abs(uniform - 100) > MATCH_POOL).any()                           # the old draw was anywhere
+
+
+def _switch_results(effect: float, n_prompts: int = 40, seed: int = 0):
+    """Planted switch results: language features succeed with probability 0.2 + effect at
+    strength 4 (0.2 elsewhere), the control with 0.2 everywhere."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_prompts):
+        for s in (1.0, 4.0):
+            rows.append({"prompt_id": p, "source": "en", "target": "fr", "strength": s, "kind": "steer",
+                         "success": bool(rng.random() < 0.2 + (effect if s == 4.0 else 0)), "first_is_answer": None})
+            for d in range(5):
+                rows.append({"prompt_id": p, "source": "en", "target": "fr", "strength": s, "kind": "control",
+                             "success": bool(rng.random() < 0.2), "first_is_answer": None})
+    return pd.DataFrame(rows), pd.DataFrame({"prompt_id": range(n_prompts)})
+
+
+def test_switch_verdict_chooses_strength_on_other_prompts_and_decides():
+    from mlclt_utils.interventions import switch_verdicts
+
+    rows, best = switch_verdicts(*_switch_results(0.7), "m", n_boot=300)
+    assert best == 4.0 and rows[0]["verdict"] == "holds" and rows[0]["n_units"] == 20   # odd prompts only
+    rows, _ = switch_verdicts(*_switch_results(0.0, seed=1), "m", n_boot=300)
+    assert rows[0]["verdict"] == "inconclusive"
