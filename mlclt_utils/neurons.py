@@ -231,8 +231,9 @@ def verdicts(out: Mapping[str, Mapping], counted_steps: Mapping[str, Sequence[in
                            control=f"the same share with rows' language labels shuffled "
                                    f"({loc['null_keys']:.0f} key neurons there against {loc['keys']:.0f})",
                            n_units=int(out[name]["rows"]), units=rows_unit, chapter="10", model=name,
-                           counted=bool(loc["keys"] > 0),
-                           note="" if loc["keys"] > 0 else "no key neuron"))
+                           counted=bool(loc["keys"] > 0 and loc["even_share"] < 1),
+                           note="" if loc["keys"] > 0 and loc["even_share"] < 1 else
+                           "no key neuron" if loc["keys"] == 0 else "every layer is a first or last one"))
         s = ablation_summary(out[name]["ablation"])
         own = s[s["ablated"] == s["language"]].set_index("language")
         if own.empty:

@@ -106,11 +106,19 @@ def test_language_stats_stage_of_the_micro_chain(chain_copy, micro):
     build("language_stats", micro, RUN, "s-en50", chain_copy, progress=False)
     got = load("language_stats", micro, RUN, "s-en50", chain_copy)
     probe = got["probe"]
-    assert set(probe["unit"]) == {"resid", "clt"} and sorted(set(probe["layer"])) == [0, 1]
+    assert set(probe["unit"]) == {"resid", "clt", "embed"}
+    assert sorted(set(probe.loc[probe["unit"] != "embed", "layer"])) == [0, 1]
+    assert probe.loc[probe["unit"] == "embed", "layer"].tolist() == [-1]          # the token-embedding baseline
     assert probe["accuracy"].between(0, 1).all() and probe["chance"].between(0.3, 0.7).all()
     tokens = got["tokens"]
     assert set(tokens["language"]) == {"en", "fr"} and len(tokens) == got["score_tokens"]
     assert np.allclose(tokens[["p0_en", "p0_fr"]].sum(axis=1), 1)
+    assert tokens[["hit_embed", "hit_first", "hit_last"]].dtypes.eq(bool).all()
+    assert set(tokens["owner"]) <= {"en", "fr", "shared", "unknown", "special"}
+    # the embedding baseline scores what the stored hits say
+    embed = probe.set_index("unit").loc["embed", "accuracy"]
+    assert tokens["hit_embed"].mean() == pytest.approx(embed)
+    assert len(got["live_features"]) == 2 and got["lift_null"]["layer"].isin([1]).all()
     assert got["late_layers"] == [1]
     counts = got["feature_counts"]
     assert len(counts) == 2 * 2 and set(counts["language"]) == {"en", "fr"}

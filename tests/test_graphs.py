@@ -122,3 +122,16 @@ def test_attribution_benchmark_sets_the_asked_sparsity_and_times_a_graph():
     per_token = row["active_features"] / (row["n_layers"] * (row["tokens"] - 1))
     assert 2.0 <= per_token <= 8.0
     assert row["seconds_per_graph"] > 0 and row["seconds_single"] > 0 and row["peak_rss_mb"] > 0
+
+
+def test_shared_profile_row_on_planted_concepts():
+    import pandas as pd
+
+    from mlclt_utils.graphs.attribution import shared_profile_row
+
+    rows = [{"concept": c, "layer": l, "language": lang, "shared influence": v}
+            for c in range(8) for lang in ("en", "fr") for l, v in enumerate([0.1, 0.5 + 0.01 * c, 0.45, 0.1])]
+    row = shared_profile_row(pd.DataFrame(rows), 4, "m", n_boot=200)
+    assert row["verdict"] == "holds" and row["n_units"] == 8 and not row["counted"]
+    assert row["estimate"] == pytest.approx((0.535 + 0.45) / 2 - 0.1)
+    assert shared_profile_row(pd.DataFrame(rows), 2, "m") is None

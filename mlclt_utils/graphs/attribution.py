@@ -197,3 +197,28 @@ def influence_share(nodes, features) -> float:
     keys = set(map(tuple, features))
     mine = [(int(l), int(x)) in keys for l, x in zip(f["layer"], f["feature"])]
     return float(f.loc[mine, "influence"].sum() / total)
+
+
+def shared_profile_row(shared, n_layers: int, model_name: str, n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """A shown (not counted) A1 row from :func:`shared_by_concept`: the influence carried by
+    features present in every language's graph, middle layers minus the larger of the first
+    and last, bootstrapped over concepts. Not counted: each language's prompt is cut from a
+    different verse, so the graphs compare different sentences."""
+    import numpy as np
+
+    from ..claims import bootstrap, verdict
+
+    if shared.empty or n_layers < 3:
+        return None
+    per = shared.groupby(["concept", "layer"])["shared influence"].mean().unstack().reindex(
+        columns=range(n_layers)).fillna(0.0)
+
+    def stat(x):
+        m = x.mean(0)
+        return float(m[1:-1].mean() - max(m[0], m[-1]))
+
+    est, lo, hi = bootstrap(per.to_numpy(), stat, n_boot, seed)
+    return verdict("A1", "graph influence of features in every language's graph, middle minus first/last layers",
+                   est, lo, hi, control="the first and last layers", n_units=len(per), units="concepts",
+                   chapter="06", model=model_name, counted=False,
+                   note="each language's prompt comes from a different verse")

@@ -207,13 +207,20 @@ def probe_figure(probe: pd.DataFrame, units: Mapping[str, str] | None = None):
         for i, (name, df) in enumerate(part.groupby("model", sort=False)):
             df = df.sort_values("layer")
             ax.plot(df["layer"], df["accuracy"], marker="o", color=colours[i % len(colours)], label=name)
+            emb = probe[(probe["unit"] == "embed") & (probe["model"] == name)] if "model" in probe else probe[:0]
+            if unit == "resid" and len(emb):         # the baseline: the token embedding alone
+                ax.plot([-1], emb["accuracy"].iloc[:1], marker="s", ls="none", color=colours[i % len(colours)])
+        if unit == "resid" and (probe["unit"] == "embed").any():
+            ticks = [-1] + sorted(int(l) for l in part["layer"].unique())
+            ax.set_xticks(ticks, ["emb"] + [str(t) for t in ticks[1:]])
         chance = float(part["chance"].max())
         ax.axhline(chance, ls="--", color="grey", lw=1)
         ax.annotate(f"chance {chance:.2f}", (0, chance), xycoords=("axes fraction", "data"),
                     xytext=(4, 3), textcoords="offset points", fontsize=8, color="grey")
         ax.set_title(title, loc="left")
         ax.set_xlabel("layer")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if not (unit == "resid" and (probe["unit"] == "embed").any()):
+            ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].set_ylabel("probe accuracy on held-out tokens")
     axes[0].set_ylim(0, 1.02)
     axes[-1].legend(title="model", loc="lower right")
