@@ -272,7 +272,8 @@ def landing_markdown(rows, preset: str, config_hash: str, date: str,
              "interval and control.", ""]
     if preset == "tiny":
         lines += ["At `tiny` the models are trained for seconds: these verdicts are about the code running, "
-                  "not about the findings, and most should read *inconclusive*.", ""]
+                  "not about the findings (a verdict that holds here may rest on shared tokens or chance "
+                  "structure of an untrained-looking model).", ""]
     lines += ["| claim | question | verdict | rows | chapter |", "|---|---|---|---|---|"]
     for r in table.itertuples():
         doc = (chapters or {}).get(r.chapter)
