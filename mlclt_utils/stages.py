@@ -837,9 +837,18 @@ SAE_KEYS = ("sae_checkpoints", "sae_expansion", "sae_k", "sae_tokens", "sae_batc
 
 
 def _saes_config(preset, key) -> dict:
+    """The SAE settings of one model. ``sae_k`` is set for the main size and scaled with
+    d_model for the others, so every size's SAEs have the same share of active latents (the
+    latents are ``sae_expansion`` x d_model): a larger model then has more bilingual latents
+    only if it has more, not because its SAEs are sparser."""
     bi = preset["bilingual"]
-    return {"model_name": key, "languages": list(preset["corpus"]["languages"]),
-            "seed": preset["seed"], **{k: bi[k] for k in SAE_KEYS}}
+    out = {"model_name": key, "languages": list(preset["corpus"]["languages"]),
+           "seed": preset["seed"], **{k: bi[k] for k in SAE_KEYS}}
+    sizes = preset["models"]["sizes"]
+    d_main = sizes[preset["models"]["main_size"]]["d_model"]
+    d_here = sizes[key.split("-")[0]]["d_model"]
+    out["sae_k"] = max(1, round(bi["sae_k"] * d_here / d_main))
+    return out
 
 
 def _stitching_config(preset, key) -> dict:

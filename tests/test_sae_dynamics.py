@@ -231,3 +231,17 @@ def test_sae_stage_saves_saelens_folders_that_reproduce_its_labels(chain_copy):
     stages.build("stitching", preset, RUN, "s-en50", chain_copy, progress=False)
     table = stages.load("stitching", preset, RUN, "s-en50", chain_copy)
     assert set(table["step"]) == set(steps[1:-1]) and set(table["language"]) == {"en", "fr"}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_every_size_gets_saes_of_the_same_density(preset):
+    from mlclt_utils.presets import bilingual_preset, load_preset, size_models
+    from mlclt_utils.stages import _saes_config
+
+    bi = bilingual_preset(load_preset(preset))
+    density = []
+    for name in size_models(bi):
+        c = _saes_config(bi, name)
+        d_model = bi["models"]["sizes"][name.split("-")[0]]["d_model"]
+        density.append(c["sae_k"] / (c["sae_expansion"] * d_model))
+    assert len(density) >= 2 and max(density) / min(density) < 1.1

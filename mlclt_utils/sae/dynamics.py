@@ -162,8 +162,9 @@ def bilingual_verdicts(labels: Mapping[str, pd.DataFrame], quality: Mapping[str,
     names = list(labels)
     if len(names) > 1 and names[0] in finals and names[-1] in finals:
         small, big = names[0], names[-1]
-        density = {n: set((quality[n]["k"] / quality[n]["d_sae"]).round(6)) for n in (small, big)}
-        same = density[small] == density[big] and len(density[small]) == 1
+        density = {n: (quality[n]["k"] / quality[n]["d_sae"]) for n in (small, big)}
+        same = bool(abs(density[big].mean() / density[small].mean() - 1) < 0.05
+                    and density[small].nunique() == 1 and density[big].nunique() == 1)
         d = proportion_difference(*count(finals[big]), *count(finals[small]))
         out.append(verdict("B3", f"final bilingual share, {big} minus {small}", *d,
                            control=f"{small}'s share", n_units=len(finals[big]) + len(finals[small]),
