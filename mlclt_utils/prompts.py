@@ -196,13 +196,15 @@ def context_ids(tokenizer, ids: Sequence[int], max_len: int) -> list[int]:
 
 def cloze_prompts(model, concepts, verses: Mapping[str, Sequence[str]], keys: Sequence[str],
                   per_concept: int = 3, min_chars: int = 12, max_candidates: int = 20,
-                  max_tokens: int | None = None):
+                  max_tokens: int | None = None, same_verse: bool = False):
     """Cloze prompts for the model: for each concept and language, up to ``max_candidates``
     candidates from ``cloze_candidates`` (earliest verses first) are scored by the model,
     and the ``per_concept`` best are kept: first those it answers (its greedy next token
     after BOS + prompt is the first token of the target), then the others by the
-    probability of that token. Returns a DataFrame with columns concept, language, verse,
-    prompt, target, target_token (id), p_target and answered."""
+    probability of that token. With ``same_verse``, the ``per_concept`` verses kept per concept
+    are those whose candidates cover the most languages (then the most answered), and every
+    language's prompt is cut from the same verse. Returns a DataFrame with columns concept,
+    language, verse, prompt, target, target_token (id), p_target and answered."""
     import pandas as pd
     import torch
 
@@ -224,8 +226,23 @@ def cloze_prompts(model, concepts, verses: Mapping[str, Sequence[str]], keys: Se
         group.append({**c, "target_token": first, "p_target": float(torch.softmax(logits, -1)[first]),
                       "answered": int(logits.argmax()) == first})
     kept = []
-    for group in scored.values():
-        kept += sorted(group, key=lambda r: (not r["answered"], -r["p_target"]))[:per_concept]
+    if same_verse:
+        # one verse per concept (per_concept of them) holding the word in as many languages as
+        # any verse does, so the languages' graphs compare translations of one sentence
+        for concept in dict.fromkeys(k[0] for k in scored):
+            by_verse: dict[str, list[dict]] = {}
+            for (c, _), group in scored.items():
+                if c == concept:
+                    for r in group:
+                        by_verse.setdefault(r["verse"], []).append(r)
+            ranked = sorted(by_verse.values(), key=lambda rs: (-len(rs), -sum(r["answered"] for r in rs),
+                                                               -sum(r["p_target"] for r in rs)))
+            for rs in ranked[:per_concept]:
+                if len(rs) >= 2:
+                    kept += sorted(rs, key=lambda r: r["language"])
+    else:
+        for group in scored.values():
+            kept += sorted(group, key=lambda r: (not r["answered"], -r["p_target"]))[:per_concept]
     return pd.DataFrame(kept, columns=["concept", "language", "verse", "prompt", "target",
                                        "target_token", "p_target", "answered"])
 

@@ -111,6 +111,13 @@ def test_influence_share_and_shared_features_over_concepts():
     prompts = pd.DataFrame({"prompt_id": [0, 1], "concept": ["God", "God"], "language": ["en", "fr"]})
     out = A.shared_by_concept(both, prompts)
     assert set(out["language"]) == {"en", "fr"} and (out["shared influence"] == 1.0).all()
+    # the control pairs a concept's first language with another concept's graphs
+    other = nodes.assign(feature=[7, 8, -1])                  # no feature in common with the first
+    four = pd.concat([both, other.assign(prompt_id=2, graph="logit"), other.assign(prompt_id=3, graph="logit")])
+    two = pd.DataFrame({"prompt_id": [0, 1, 2, 3], "concept": ["God", "God", "king", "king"],
+                        "language": ["en", "fr", "en", "fr"]})
+    ctl = A.shared_by_concept(four, two, control=True)
+    assert (ctl["shared influence"] == 0.0).all() and set(ctl["concept"]) == {"God", "king"}
 
 
 def test_attribution_benchmark_sets_the_asked_sparsity_and_times_a_graph():

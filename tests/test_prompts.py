@@ -119,3 +119,27 @@ def test_prompts_from_a_local_hf_dataset_with_a_column_mapping(tmp_path):
     datasets.Dataset.from_dict(bad).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(ValueError, match=r"row 1: field 'language'"):
         P.prompts_from_hf(str(tmp_path / "bad"), {"prompt": "text", "language": "lang"})
+
+
+def test_same_verse_prompts_cut_every_language_from_one_verse():
+    from test_clt_formats import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    concepts = pd.DataFrame({"en": ["w9"], "fr": ["w8"]}, index=pd.Index(["c"], name="concept"))
+    # verse 2 holds the word in both languages, verse 1 in English only (and is answered there)
+    verses = {"en": ["w4 w5 w6 w7 w9", "w4 w5 w6 w5 w9"], "fr": ["w4 w5 w6 w7 w5", "w4 w5 w6 w4 w8"]}
+    keys = ["1:1:1", "1:1:2"]
+
+    class Model:
+        cfg = SimpleNamespace(n_ctx=16, device="cpu")
+        tokenizer = tok
+
+        def __call__(self, tokens):
+            logits = torch.zeros(tokens.shape[0], tokens.shape[1], 40)
+            logits[0, -1, tok.convert_tokens_to_ids("w9")] = 1.0
+            return logits
+
+    out = P.cloze_prompts(Model(), concepts, verses, keys, per_concept=1, min_chars=4, same_verse=True)
+    assert list(out["verse"]) == ["1:1:2", "1:1:2"] and list(out["language"]) == ["en", "fr"]
+    alone = P.cloze_prompts(Model(), concepts, verses, keys, per_concept=1, min_chars=4)
+    assert set(alone["verse"]) == {"1:1:1", "1:1:2"}          # per language, the answered verse first

@@ -164,16 +164,24 @@ def shared_features(nodes_by_language: Mapping[str, "object"]):
     return pd.DataFrame(rows)
 
 
-def shared_by_concept(nodes, prompts, graph: str = "logit"):
+def shared_by_concept(nodes, prompts, graph: str = "logit", control: bool = False):
     """``shared_features`` for every concept whose graphs (of kind ``graph``: "logit" or
     "language") exist in at least two languages (the first prompt of each language), in long form: concept, layer, language, shared
-    (features present in every language's graph), shared influence."""
+    (features present in every language's graph), shared influence. ``control``: the same
+    with every language but the concept's first taking the graph of the *next* concept
+    (cyclic), so the graphs compared differ in meaning."""
     import pandas as pd
 
     nodes = nodes[nodes["graph"] == graph]
     first = prompts.drop_duplicates(["concept", "language"])
+    concepts = list(dict.fromkeys(first["concept"]))
     out = []
     for concept, ps in first.groupby("concept", sort=False):
+        if control:
+            if len(concepts) < 2:
+                break
+            other = first[first["concept"] == concepts[(concepts.index(concept) + 1) % len(concepts)]]
+            ps = pd.concat([ps.iloc[:1], other[other["language"] != ps.iloc[0]["language"]]])
         by_lang = {p.language: nodes[nodes["prompt_id"] == p.prompt_id] for p in ps.itertuples()}
         by_lang = {lang: df for lang, df in by_lang.items() if (df["kind"] == "feature").any()}
         if len(by_lang) < 2:
@@ -199,26 +207,35 @@ def influence_share(nodes, features) -> float:
     return float(f.loc[mine, "influence"].sum() / total)
 
 
-def shared_profile_row(shared, n_layers: int, model_name: str, n_boot: int = 1000, seed: int = 0) -> dict | None:
+def shared_profile_row(shared, n_layers: int, model_name: str, n_boot: int = 1000, seed: int = 0,
+                       control=None) -> dict | None:
     """A shown (not counted) A1 row from :func:`shared_by_concept`: the influence carried by
     features present in every language's graph, middle layers minus the larger of the first
-    and last, bootstrapped over concepts. Not counted: each language's prompt is cut from a
-    different verse, so the graphs compare different sentences."""
+    and last, bootstrapped over concepts; with ``control`` (the different-concept table) the
+    statistic is taken on the difference, per concept and layer. Not counted: A1 is decided on
+    chapter 04's overlap; a few concepts' graphs are a second, coarser look."""
     import numpy as np
 
     from ..claims import bootstrap, verdict
 
     if shared.empty or n_layers < 3:
         return None
-    per = shared.groupby(["concept", "layer"])["shared influence"].mean().unstack().reindex(
-        columns=range(n_layers)).fillna(0.0)
+    def table(df):
+        return df.groupby(["concept", "layer"])["shared influence"].mean().unstack().reindex(
+            columns=range(n_layers)).fillna(0.0)
+
+    per = table(shared)
+    against = control is not None and not control.empty
+    if against:
+        per = per - table(control).reindex(index=per.index, columns=per.columns).fillna(0.0)
 
     def stat(x):
         m = x.mean(0)
         return float(m[1:-1].mean() - max(m[0], m[-1]))
 
     est, lo, hi = bootstrap(per.to_numpy(), stat, n_boot, seed)
-    return verdict("A1", "graph influence of features in every language's graph, middle minus first/last layers",
-                   est, lo, hi, control="the first and last layers", n_units=len(per), units="concepts",
-                   chapter="06", model=model_name, counted=False,
-                   note="each language's prompt comes from a different verse")
+    what = "minus a different concept's, " if against else ""
+    return verdict("A1", f"graph influence of features in every language's graph, {what}middle minus first/last layers",
+                   est, lo, hi, n_units=len(per), units="concepts", chapter="06", model=model_name,
+                   control="the first and last layers" + (", each against graphs of another concept" if against else ""),
+                   counted=False, note="graphs are a second look; A1 is decided in chapter 04")

@@ -65,7 +65,8 @@ def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True, view
     concepts = concepts.dropna(subset=langs).head(cfg["max_concepts"])
     verses = {lang: corpus.parallel[lang] for lang in langs}
     prompts = cloze_prompts(model, concepts, verses, corpus.parallel["keys"],
-                            per_concept=cfg["per_concept"], min_chars=cfg["min_chars"])
+                            per_concept=cfg["per_concept"], min_chars=cfg["min_chars"],
+                            same_verse=True)
     prompts.insert(0, "prompt_id", range(len(prompts)))
     tok = model.tokenizer
     answers = {c: {lang: answer_token(tok, concepts.loc[c, lang], lang) for lang in langs}
@@ -76,8 +77,11 @@ def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True, view
     try:
         for _, p in prompts.iterrows():
             ids = context_ids(tok, tok.encode(p["prompt"], add_special_tokens=False), model.cfg.n_ctx)
-            targets = {"logit": int(p["target_token"]),
-                       "language": language_target(model, answers[p["concept"]], p["language"])}
+            targets = {"logit": int(p["target_token"])}
+            mine = answers[p["concept"]]
+            # a language whose answer token another language shares has no vector of its own
+            if list(mine.values()).count(mine[p["language"]]) == 1:
+                targets["language"] = language_target(model, mine, p["language"])
             for kind, target in targets.items():
                 graph = graph_for_prompt(rm, torch.tensor(ids), target,
                                          max_feature_nodes=cfg["max_feature_nodes"],
@@ -92,6 +96,8 @@ def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True, view
                                "kept_features": int((n["kind"] == "feature").sum())})
                 nodes.append(n.assign(**key))
                 edges.append(e.assign(**key))
+                bar.update(1)
+            if "language" not in targets:
                 bar.update(1)
     finally:
         bar.close()
