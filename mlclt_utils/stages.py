@@ -703,7 +703,9 @@ register(StageKind("language_stats", "05", _language_stats_config,
 # ------------------------------------------------------------- attribution graphs -----
 
 def _graphs_config(preset, key) -> dict:
-    return {"model_name": key, "languages": list(preset["corpus"]["languages"]), **preset["graphs"]}
+    # "prompts": how prompts are chosen (one verse per concept in every language)
+    return {"model_name": key, "languages": list(preset["corpus"]["languages"]), "prompts": "same_verse",
+            **preset["graphs"]}
 
 
 def _build_graphs(ctx: BuildContext):
