@@ -195,7 +195,7 @@ def verdicts(out: Mapping[str, Mapping], counted_steps: Mapping[str, Sequence[in
     """Verdict rows of claims C1-C4 from the loaded neurons stages ``out`` (model name ->
     tables; the first name is the reference, the last the largest) and, per model, the
     checkpoints at which training had moved the loss (``models.load.trained_steps``)."""
-    from .claims import mean_interval, paired_difference, verdict
+    from .claims import mean_interval, paired_difference, proportion_difference, verdict
 
     rows_unit = "parallel rows"
     res = []
@@ -234,6 +234,19 @@ def verdicts(out: Mapping[str, Mapping], counted_steps: Mapping[str, Sequence[in
                            counted=bool(loc["keys"] > 0 and loc["even_share"] < 1),
                            note="" if loc["keys"] > 0 and loc["even_share"] < 1 else
                            "no key neuron" if loc["keys"] == 0 else "every layer is a first or last one"))
+        kc = out[name]["key_counts"]
+        kc = kc[(kc["unit"] == "mlp") & (kc["spread"] == "all")]
+        moved = [st for st in out[name]["steps"] if st in set(counted_steps.get(name, out[name]["steps"]))]
+        if len(moved) >= 2:
+            def first_layer(step):
+                k = kc[kc["step"] == step]
+                return int(k.loc[k["layer"] == 0, "units"].sum()), int(k["units"].sum())
+            (k1, n1), (k0, n0) = first_layer(moved[-1]), first_layer(moved[0])
+            if n1 and n0:
+                d = proportion_difference(k1, n1, k0, n0)
+                res.append(verdict("C3", f"first layer's share of key neurons, step {moved[-1]} minus step {moved[0]}",
+                                   *d, control=f"the share at step {moved[0]}, the first checkpoint after the loss moved",
+                                   n_units=n0 + n1, units="key neurons", chapter="10", model=name))
         s = ablation_summary(out[name]["ablation"])
         own = s[s["ablated"] == s["language"]].set_index("language")
         if own.empty:

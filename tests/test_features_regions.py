@@ -298,3 +298,43 @@ def test_key_location_without_language_signal_is_no_concentration():
 
     loc = regions.key_location(_located(set(), seed=1), draws=5, n_boot=100).set_index("spread").loc["all"]
     assert decide(loc["low"], loc["high"], loc["null_edge_share"]) != "holds"
+
+
+def _neurons_out(sads_growth: float, own_hurt: float, seed: int = 0):
+    """A loaded neurons stage in miniature: 60 rows at steps 10 and 100 (SADS up by
+    ``sads_growth``), key counts moving to layer 0, and ablations where a language's key
+    neurons raise its own loss by ``own_hurt``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for step, shift in ((10, 0.0), (100, sads_growth)):
+        rows.append(pd.DataFrame({"meaning": range(60), "lrds": 0.3 + rng.normal(0, 0.05, 60),
+                                  "sads": 0.01 + shift + rng.normal(0, 0.01, 60), "unit": "mlp", "step": step}))
+    counts = pd.DataFrame([{"layer": l, "language": "en", "units": n, "unit": "mlp", "step": st, "spread": "all",
+                            "width": 64} for st, per in ((10, [5, 20, 20, 5]), (100, [30, 10, 10, 5]))
+                           for l, n in enumerate(per)])
+    abl = []
+    for a in LANGS:
+        for lang in LANGS:
+            abl.append({"kind": "key", "draw": 0, "ablated": a, "language": lang,
+                        "relative_change": (own_hurt if a == lang else 0.0) + rng.normal(0, 0.005)})
+            abl += [{"kind": "random", "draw": d, "ablated": a, "language": lang,
+                     "relative_change": rng.normal(0, 0.005)} for d in range(5)]
+    location = pd.DataFrame([{"spread": "all", "keys": 50, "edge_share": 0.9, "low": 0.8, "high": 0.95,
+                              "null_keys": 10, "null_edge_share": 0.5, "even_share": 0.5}])
+    return {"row_scores": pd.concat(rows), "steps": [1, 10, 100], "key_counts": counts,
+            "key_location": location, "ablation": pd.DataFrame(abl), "rows": 60}
+
+
+def test_neuron_verdicts_on_planted_data():
+    from mlclt_utils.neurons import verdicts
+
+    got = verdicts({"m": _neurons_out(0.02, 0.1)}, {"m": [10, 100]}, n_boot=300)
+    by = {(r["claim"], r["statistic"].split(",")[0]): r["verdict"] for r in got}
+    assert by[("C1", "SADS growth")] == "holds" and by[("C1", "LRDS (same language minus different languages)")] == "holds"
+    assert by[("C3", "first layer's share of key neurons")] == "holds"
+    assert by[("C3", "share of key neurons (one z spread for all layers) in the first and last layers")] == "holds"
+    assert all(r["verdict"] == "holds" for r in got if r["claim"] == "C4")
+    flat = verdicts({"m": _neurons_out(0.0, 0.0, seed=1)}, {"m": [10, 100]}, n_boot=300)
+    assert all(r["verdict"] == "inconclusive" for r in flat if r["claim"] == "C4" or "growth" in r["statistic"])
+    # step 1 came before the loss moved: growth is measured from step 10, not step 1
+    assert any("step 10 to 100" in r["statistic"] for r in got)
