@@ -137,8 +137,8 @@ def bootstrap(units: Sequence | np.ndarray, statistic: Callable[[np.ndarray], fl
     x = np.asarray(units, dtype=float)
     if x.shape[0] == 0:
         return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    stats = np.array([statistic(x[rng.integers(0, x.shape[0], x.shape[0])]) for _ in range(n_boot)])
+    idx = np.random.default_rng(seed).integers(0, x.shape[0], size=(n_boot, x.shape[0]))
+    stats = np.array([statistic(x[i]) for i in idx])
     stats = stats[np.isfinite(stats)]
     est = float(statistic(x))
     if stats.size == 0:

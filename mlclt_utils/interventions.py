@@ -335,6 +335,19 @@ def switch_experiment(model, clt, units: dict, lstats: dict, graphs: dict, corpu
     return {"results": results, "classifier": check, "features": used, "prompts": prompts}
 
 
+def _steer_minus_control(table, value: str, n_boot: int, seed: int):
+    """Per prompt, the mean ``value`` of the steered rows minus that of the control rows
+    (averaged over targets and draws), bootstrapped over prompts: ``(est, lo, hi, prompts)``."""
+    from .claims import bootstrap
+
+    per_prompt = table.groupby(["prompt_id", "kind"])[value].mean().unstack().dropna()
+    if not {"steer", "control"} <= set(per_prompt):
+        return None
+    est, lo, hi = bootstrap(per_prompt[["steer", "control"]].to_numpy(float),
+                            lambda x: float(x[:, 0].mean() - x[:, 1].mean()), n_boot, seed)
+    return est, lo, hi, len(per_prompt)
+
+
 def switch_verdicts(results, prompts, model_name: str, n_boot: int = 1000, seed: int = 0) -> tuple[list[dict], float]:
     """Claim A4 from the switch results: the strength is chosen on the even-numbered prompts
     (largest steered-minus-control success) and scored on the odd-numbered ones, so the
@@ -346,7 +359,7 @@ def switch_verdicts(results, prompts, model_name: str, n_boot: int = 1000, seed:
     content part of the claim). Returns ``(rows, chosen strength)``."""
     import numpy as np
 
-    from .claims import bootstrap, verdict
+    from .claims import verdict
 
     arms = results[results["kind"].isin(["steer", "control"])]
     if arms.empty:
@@ -359,13 +372,11 @@ def switch_verdicts(results, prompts, model_name: str, n_boot: int = 1000, seed:
         return [], float("nan")
     best = float(gain.idxmax())
     at = score[score["strength"] == best]
-    per_prompt = at.groupby(["prompt_id", "kind"])["success"].mean().unstack().dropna()
-    est, lo, hi = bootstrap(per_prompt[["steer", "control"]].to_numpy(float),
-                            lambda x: float(x[:, 0].mean() - x[:, 1].mean()), n_boot, seed)
+    est, lo, hi, n = _steer_minus_control(at.assign(success=at["success"].astype(float)), "success", n_boot, seed)
     rows = [verdict("A4", f"switch success (target language, not degenerate), language features minus control, "
                           f"strength {best:g} (chosen on other prompts)", est, lo, hi,
                     control="as many random features of the same layers, matched in firing frequency, 5 draws",
-                    n_units=len(per_prompt), units="held-out prompts", chapter="07", model=model_name)]
+                    n_units=n, units="held-out prompts", chapter="07", model=model_name)]
     answers = [c for c in prompts.columns if c.startswith("answer_")]
     if answers:
         table = at.merge(prompts[["prompt_id"] + answers], on="prompt_id")
@@ -373,14 +384,11 @@ def switch_verdicts(results, prompts, model_name: str, n_boot: int = 1000, seed:
         tgt = [table.loc[i, f"answer_{table.loc[i, 'target']}"] for i in table.index]
         distinct = [(a == a and b == b and a != b) for a, b in zip(own, tgt)]
         table = table[np.asarray(distinct, bool) & table["first_is_answer"].notna()]
-        if len(table):
-            kept = table.assign(hit=table["first_is_answer"].astype(bool).astype(float))
-            kept = kept.groupby(["prompt_id", "kind"])["hit"].mean().unstack().dropna()
-            if {"steer", "control"} <= set(kept) and len(kept) >= 2:
-                est, lo, hi = bootstrap(kept[["steer", "control"]].to_numpy(float),
-                                        lambda x: float(x[:, 0].mean() - x[:, 1].mean()), n_boot, seed)
-                rows.append(verdict("A4", "first token is the concept in the target language, steered minus control",
-                                    est, lo, hi, control="the frequency-matched random control",
-                                    n_units=len(kept), units="held-out cloze prompts", chapter="07",
-                                    model=model_name))
+        kept = _steer_minus_control(table.assign(hit=table["first_is_answer"].astype(bool).astype(float)),
+                                    "hit", n_boot, seed) if len(table) else None
+        if kept is not None and kept[3] >= 2:
+            rows.append(verdict("A4", "first token is the concept in the target language, steered minus control",
+                                *kept[:3], control="the frequency-matched random control",
+                                n_units=kept[3], units="held-out cloze prompts", chapter="07",
+                                model=model_name))
     return rows, best

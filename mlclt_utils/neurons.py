@@ -200,6 +200,8 @@ def verdicts(out: Mapping[str, Mapping], counted_steps: Mapping[str, Sequence[in
     rows_unit = "parallel rows"
     res = []
     names = list(out)
+    moved_of = {name: [s for s in out[name]["steps"] if s in set(counted_steps.get(name, out[name]["steps"]))]
+                for name in names}
     for name in names:
         rs, steps = out[name]["row_scores"], out[name]["steps"]
         final = _rows(rs, "mlp", steps[-1])
@@ -209,7 +211,7 @@ def verdicts(out: Mapping[str, Mapping], counted_steps: Mapping[str, Sequence[in
             res.append(verdict("C1", f"{words}, final checkpoint, all layers", est, lo, hi,
                                control="0: no region / no alignment", n_units=len(final),
                                units=rows_unit, chapter="10", model=name))
-        moved = [s for s in steps if s in set(counted_steps.get(name, steps))]
+        moved = moved_of[name]
         if len(moved) >= 2:
             a, b = _rows(rs, "mlp", moved[0]), _rows(rs, "mlp", moved[-1])
             est, lo, hi = paired_difference(b["sads"].to_numpy(), a["sads"].to_numpy(), n_boot, seed)
@@ -236,7 +238,7 @@ def verdicts(out: Mapping[str, Mapping], counted_steps: Mapping[str, Sequence[in
                            "no key neuron" if loc["keys"] == 0 else "every layer is a first or last one"))
         kc = out[name]["key_counts"]
         kc = kc[(kc["unit"] == "mlp") & (kc["spread"] == "all")]
-        moved = [st for st in out[name]["steps"] if st in set(counted_steps.get(name, out[name]["steps"]))]
+        moved = moved_of[name]
         if len(moved) >= 2:
             def first_layer(step):
                 k = kc[kc["step"] == step]

@@ -57,7 +57,8 @@ def language_statistics(model, clt, data: Mapping, units: Mapping, tokenizer,
                 first_probe = res.model
     # the baseline: a probe on the token embedding alone (token identity, no context)
     W_E = model.W_E.detach().float()
-    embed = fit_language_probe(W_E[fit.token_ids.long()].numpy(), fit.y, W_E[score.token_ids.long()].numpy(),
+    score_embed = W_E[score.token_ids.long()].numpy()
+    embed = fit_language_probe(W_E[fit.token_ids.long()].numpy(), fit.y, score_embed,
                                score.y, max_iter=cfg["probe_max_iter"], seed=cfg["seed"], labels=langs)
     rows.append({"unit": "embed", "layer": -1, **embed.row()})
     probe = pd.DataFrame(rows)
@@ -93,13 +94,14 @@ def language_statistics(model, clt, data: Mapping, units: Mapping, tokenizer,
     feats = pd.concat(feats, ignore_index=True) if feats else pd.DataFrame(
         columns=["layer", "feature", "top_language", "frequency", "concentration"])
     counts = count_language_features(clt_units, **thresholds)
-    live = [int(sum(u.counts[layer] for u in clt_units.values()).gt(0).sum()) for layer in range(n_layers)]
+    fired_any = [sum(u.counts[layer] for u in clt_units.values()) > 0 for layer in range(n_layers)]
+    live = [int(f.sum()) for f in fired_any]
 
     # null for the lift: random live features of the late layers that are not language features
     null, rng = [], np.random.default_rng(cfg["seed"])
     for layer in late_layers(n_layers) if labelled else []:
         chosen = set(feats.loc[feats["layer"] == layer, "feature"]) if len(feats) else set()
-        alive = sum(u.counts[layer] for u in clt_units.values()).gt(0).nonzero().flatten().tolist()
+        alive = fired_any[layer].nonzero().flatten().tolist()
         pool = [f for f in alive if f not in chosen]
         if not pool:
             continue
@@ -115,7 +117,7 @@ def language_statistics(model, clt, data: Mapping, units: Mapping, tokenizer,
     proba = first_probe.predict_proba(score.layer("resid", 0))
     for j, lang in enumerate(first_probe.classes_):
         tokens[f"p0_{lang}"] = proba[:, j]
-    tokens["hit_embed"] = embed.model.predict(W_E[score.token_ids.long()].numpy()) == score.y
+    tokens["hit_embed"] = embed.model.predict(score_embed) == score.y
     tokens["hit_first"] = first_probe.predict(score.layer("resid", 0)) == score.y
     tokens["hit_last"] = last_probe.predict(score.layer("resid", n_layers - 1)) == score.y
     tokens["owner"] = [token_langs.language_of(int(t)) for t in score.token_ids]
@@ -146,7 +148,7 @@ def language_verdicts(stats: Mapping, model_name: str, n_boot: int = 1000, seed:
     (2) language features are a larger share of live features in the late layers than in the
     earlier ones (Newcombe); (3) late language features' lift on their own language is above
     the lift of random non-language features of the same layers on that language."""
-    from ..claims import bootstrap, proportion_difference, verdict
+    from ..claims import bootstrap, mean_interval, proportion_difference, verdict
 
     out = []
     tok = stats["tokens"]
@@ -181,8 +183,6 @@ def language_verdicts(stats: Mapping, model_name: str, n_boot: int = 1000, seed:
         excess = [r.own_lift - base.loc[r.layer, f"lift_{r.top_language}"] for r in lf.itertuples()
                   if r.layer in base.index and f"lift_{r.top_language}" in base]
         if excess:
-            from ..claims import mean_interval
-
             est, lo, hi = mean_interval(excess, n_boot, seed)
             out.append(verdict("A3", "late language features' lift on their language minus random features' lift",
                                est, lo, hi, control=f"up to {NULL_FEATURES} random live non-language features per late layer",

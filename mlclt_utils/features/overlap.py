@@ -71,14 +71,17 @@ def control_partner(lengths: Tensor, draw: int = 0) -> Tensor:
 def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, level: float = 0.95,
                    seed: int = 0) -> tuple[float, float, float]:
     """Mean of the finite ``values`` and its percentile bootstrap interval."""
+    from ..claims import bootstrap
+
     v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(v.mean()), float(lo), float(hi)
+    return bootstrap(v[np.isfinite(v)], np.mean, n_boot, seed, level)
+
+
+def _parallel_and_control(A: Tensor, B: Tensor, lengths: Tensor, draws: int) -> tuple[Tensor, Tensor]:
+    """Row-wise Jaccard of translations, and of each row with ``draws`` length-matched other
+    rows of ``B`` (averaged)."""
+    control = torch.stack([jaccard(A, B[control_partner(lengths, d)]) for d in range(draws)]).nanmean(0)
+    return jaccard(A, B), control
 
 
 def overlap_by_layer(stats: Mapping[str, UnitStats], max_dense_fraction: float = 0.5,
@@ -106,9 +109,7 @@ def overlap_by_layer(stats: Mapping[str, UnitStats], max_dense_fraction: float =
         for a, b in combinations(langs, 2):
             A = stats[a].fired[layer][:, keep]
             B = stats[b].fired[layer][:, keep]
-            parallel = jaccard(A, B)
-            control = torch.stack([jaccard(A, B[control_partner(stats[b].lengths, d)])
-                                   for d in range(control_draws)]).nanmean(0)
+            parallel, control = _parallel_and_control(A, B, stats[b].lengths, control_draws)
             for kind, values in (("parallel", parallel), ("control", control)):
                 per_kind[kind].append(values)
                 pairs.append({"layer": layer, "pair": f"{a}-{b}", "kind": kind,
@@ -158,10 +159,10 @@ def row_gaps(stats: Mapping[str, UnitStats], max_dense_fraction: float = 0.5,
         keep = ~dense_units(stats, layer, max_dense_fraction)
         gaps = []
         for a, b in combinations(langs, 2):
-            A, B = stats[a].fired[layer][:, keep], stats[b].fired[layer][:, keep]
-            control = torch.stack([jaccard(A, B[control_partner(stats[b].lengths, d)])
-                                   for d in range(control_draws)]).nanmean(0)
-            gaps.append(jaccard(A, B) - control)
+            parallel, control = _parallel_and_control(stats[a].fired[layer][:, keep],
+                                                      stats[b].fired[layer][:, keep],
+                                                      stats[b].lengths, control_draws)
+            gaps.append(parallel - control)
         out.append(torch.stack(gaps).nanmean(0).numpy())
     return np.stack(out, axis=1)
 

@@ -143,16 +143,11 @@ def same_language_contributions(stats: Mapping[str, UnitStats], max_rows: int | 
     different rows of the language, ``mean over pairs i != j of x_i[u] * x_j[u]`` with ``x``
     the L2-normalised concatenated patterns. Summed over units it is that mean similarity."""
     x, lang, _ = patterns(stats, None, max_rows)
-    xn = normalise(x)
-    out = []
     for code in stats:
-        block = xn[lang == code]
-        n = len(block)
+        n = int((lang == code).sum())
         if n < 2:
             raise ValueError(f"language {code!r} has {n} row; contributions need at least two")
-        total = block.sum(0)
-        out.append((total ** 2 - (block ** 2).sum(0)) / (n * (n - 1)))
-    return np.stack(out)
+    return _contributions(normalise(x), lang, list(stats))
 
 
 def _excess_z(c: np.ndarray, layer: np.ndarray, spread: str) -> np.ndarray:
@@ -200,6 +195,8 @@ def key_units(stats: Mapping[str, UnitStats], z_threshold: float = 2.0,
 
 
 def _contributions(xn: np.ndarray, lang: np.ndarray, languages: Sequence[str]) -> np.ndarray:
+    """``[languages, units]`` contributions from normalised patterns ``xn`` with each row's
+    language (see :func:`same_language_contributions`)."""
     out = []
     for code in languages:
         block = xn[lang == code]

@@ -239,3 +239,60 @@ def shared_profile_row(shared, n_layers: int, model_name: str, n_boot: int = 100
                    est, lo, hi, n_units=len(per), units="concepts", chapter="06", model=model_name,
                    control="the first and last layers" + (", each against graphs of another concept" if against else ""),
                    counted=False, note="graphs are a second look; A1 is decided in chapter 04")
+
+
+def graph_findings(model_name: str, n_concepts: int, prompts, scores, nodes, shared, lang_share,
+                   n_layers: int, n_boot: int = 1000, seed: int = 0) -> tuple[list[str], list[dict], list[dict]]:
+    """Chapter 06's closing findings: ``(sentences, results rows, verdict rows)`` from its
+    prompts, graph scores, node tables, :func:`shared_by_concept` table and the language
+    features' share of influence per language (``lang_share``, columns "language-vector
+    graph" and "answer-logit graph")."""
+    from ..claims import sentence
+
+    items, rows, verdicts = [], [], []
+    answered = float(prompts["answered"].mean()) if len(prompts) else float("nan")
+    items.append(f"{model_name}: {n_concepts} concepts mined, {len(prompts)} prompts; the model answers "
+                 f"{answered:.0%} of them." + (" The others are kept as the closest prompts (highest probability "
+                 "of the answer), so their graphs explain what the model predicts there, not a correct answer."
+                 if answered < 1 else ""))
+    rows.append({"model": model_name, "metric": "share of cloze prompts answered", "value": answered})
+    for target in ("logit", "language"):
+        s = scores[scores["graph"] == target]
+        items.append(f"Graphs of the {'answer logit' if target == 'logit' else 'language vector'}: replacement score "
+                     f"{s['replacement'].mean():.2f} ± {s['replacement'].std():.2f}, completeness "
+                     f"{s['completeness'].mean():.2f} ± {s['completeness'].std():.2f} (mean ± sd over {len(s)} graphs).")
+        rows += [{"model": model_name, "metric": f"replacement score, {target} graphs", "value": float(s["replacement"].mean())},
+                 {"model": model_name, "metric": f"completeness score, {target} graphs", "value": float(s["completeness"].mean())}]
+    if not shared.empty:
+        m = shared.groupby("layer")["shared influence"].mean()
+        pair = shared.groupby("layer")["pair influence"].mean()
+        concepts = shared["concept"].nunique()
+        if (m <= 0).all():
+            items.append(f"No feature is present in the graphs of every language at any layer ({concepts} concepts); "
+                         "features present in at least one other language's graph carry "
+                         + ", ".join(f"{v:.0%} (layer {int(l)})" for l, v in pair.items()) + " of the influence.")
+        else:
+            items.append(f"Influence carried by features present in every language's graph, by layer, over {concepts} "
+                         "concepts: " + ", ".join(f"{int(l)}: {v:.0%}" for l, v in m.items())
+                         + "; features present in at least one other language: "
+                         + ", ".join(f"{int(l)}: {v:.0%}" for l, v in pair.items()) + ".")
+        control = shared_by_concept(nodes, prompts, "logit", control=True)
+        if len(control):
+            c = control.groupby("layer")["shared influence"].mean()
+            items.append("With another concept's graphs in place of the translations (control): "
+                         + ", ".join(f"{int(l)}: {v:.0%}" for l, v in c.items()) + ".")
+        row = shared_profile_row(shared, n_layers, model_name, n_boot, seed, control=control)
+        if row is not None:
+            verdicts.append(row)
+            items.append(sentence(row) + " Graphs of a few concepts are a second, coarser look: the row is shown, "
+                         "not counted; A1 is decided in chapter 04 over hundreds of verses.")
+        rows += [{"model": model_name, "metric": f"shared influence, layer {int(l)}", "value": float(v)}
+                 for l, v in m.items()]
+    lv, lg = lang_share["language-vector graph"].mean(), lang_share["answer-logit graph"].mean()
+    items.append(f"Chapter 05's language features of the prompt's language carry {lv:.0%} of the language-vector "
+                 f"graphs' feature influence against {lg:.0%} of the answer-logit graphs' (mean over languages)"
+                 + (": they matter more for which language the answer takes than for the answer itself."
+                    if lv > lg else "."))
+    rows += [{"model": model_name, "metric": "language features' share, language-vector graphs", "value": float(lv)},
+             {"model": model_name, "metric": "language features' share, answer-logit graphs", "value": float(lg)}]
+    return items, rows, verdicts

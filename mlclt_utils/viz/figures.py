@@ -533,7 +533,8 @@ def forest_figure(rows: pd.DataFrame):
     if not claims:
         raise ValueError("no verdict rows to draw")
     heights = [max(1, int((rows["claim"] == c).sum())) for c in claims]
-    fig, axes = plt_subplots(len(claims), heights)
+    fig, axes = panels(len(claims), per_row=1, height=(0.6 + 0.32 * sum(heights)) / len(claims) + 0.35,
+                       gridspec_kw={"height_ratios": heights}, constrained_layout=True)
     for ax, claim in zip(axes, claims):
         part = rows[rows["claim"] == claim].reset_index(drop=True)
         for i, r in part.iterrows():
@@ -554,12 +555,3 @@ def forest_figure(rows: pd.DataFrame):
 def _short(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
-
-def plt_subplots(n: int, heights: Sequence[int]):
-    import matplotlib.pyplot as plt
-
-    from .style import TEXT_WIDTH
-
-    fig, axes = plt.subplots(n, 1, figsize=(TEXT_WIDTH, 0.6 + 0.32 * sum(heights) + 0.35 * n),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False, constrained_layout=True)
-    return fig, axes[:, 0]
