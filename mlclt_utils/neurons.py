@@ -140,7 +140,8 @@ def lingua_franca(load_model: Callable[[int | None], object], steps: Sequence[in
     features' unit statistics on the same parallel rows (chapter 04), optional.
 
     Returns ``{"tables": {name: DataFrame}, "similarity": {"mlp"|"clt": matrix}}``: scores
-    (unit, step, layer, LRDS, SADS, ...), key_counts (unit, step, layer, language, units),
+    (unit, step, layer, LRDS, SADS, ...), row_scores (each parallel row's share of them, per
+    unit, step and layer, for intervals), key_counts (unit, step, layer, language, units),
     key_units and lape_units (final MLP), method_overlap, ablation."""
     from .viz.progress import progress_bar
 
@@ -152,8 +153,7 @@ def lingua_franca(load_model: Callable[[int | None], object], steps: Sequence[in
         model = load_model(step)
         stats = stats_by_language(model, rows, cfg["batch_size"])
         scores.append(regions.scores_by_layer(stats, cfg["max_rows"]).assign(unit="mlp", step=step))
-        per_row.append(regions.row_scores(*regions.patterns(stats, None, cfg["max_rows"]))
-                       .assign(unit="mlp", step=step))
+        per_row.append(regions.row_scores_by_layer(stats, cfg["max_rows"]).assign(unit="mlp", step=step))
         key, c = _key_counts(stats, cfg, model.cfg.n_layers)
         counts.append(c.assign(unit="mlp", step=step, width=model.cfg.d_mlp))
         final_stats = stats
@@ -171,8 +171,7 @@ def lingua_franca(load_model: Callable[[int | None], object], steps: Sequence[in
     if clt_stats is not None:
         clt_scores = regions.scores_by_layer(clt_stats, cfg["max_rows"])
         scores.append(clt_scores.assign(unit="clt", step=steps[-1]))
-        per_row.append(regions.row_scores(*regions.patterns(clt_stats, None, cfg["max_rows"]))
-                       .assign(unit="clt", step=steps[-1]))
+        per_row.append(regions.row_scores_by_layer(clt_stats, cfg["max_rows"]).assign(unit="clt", step=steps[-1]))
         n_layers = len(next(iter(clt_stats.values())).means)
         width = next(iter(clt_stats.values())).means[0].shape[1]
         _, c = _key_counts(clt_stats, cfg, n_layers)
@@ -187,7 +186,24 @@ def lingua_franca(load_model: Callable[[int | None], object], steps: Sequence[in
 # ------------------------------------------------------------------------ verdicts -----
 
 def _rows(table: pd.DataFrame, unit: str, step: int) -> pd.DataFrame:
-    return table[(table["unit"] == unit) & (table["step"] == step)].sort_values("meaning")
+    """The per-row scores of all layers together for one unit kind and checkpoint."""
+    t = table[(table["unit"] == unit) & (table["step"] == step)]
+    if "layer" in t:
+        t = t[t["layer"].astype(str) == "all"]
+    return t.sort_values("meaning")
+
+
+def lape_agreement(overlap: pd.DataFrame, n_units: int) -> tuple[int, int, float]:
+    """How far the key neurons and the LAPE neurons agree, over the languages where both
+    methods find some (``overlap``: ``language, key, lape, both``): key neurons that LAPE
+    also gives the same language, all key neurons, and the share expected by chance (LAPE's
+    picks of each language placed at random among the ``n_units`` neurons)."""
+    found = overlap[(overlap["key"] > 0) & (overlap["lape"] > 0)]
+    n = int(found["key"].sum())
+    if n == 0:
+        return 0, 0, float("nan")
+    chance = float((found["key"] * found["lape"] / n_units).sum() / n)
+    return int(found["both"].sum()), n, chance
 
 
 def verdicts(out: Mapping[str, Mapping], counted_steps: Mapping[str, Sequence[int]],
@@ -195,7 +211,7 @@ def verdicts(out: Mapping[str, Mapping], counted_steps: Mapping[str, Sequence[in
     """Verdict rows of claims C1-C4 from the loaded neurons stages ``out`` (model name ->
     tables; the first name is the reference, the last the largest) and, per model, the
     checkpoints at which training had moved the loss (``models.load.trained_steps``)."""
-    from .claims import mean_interval, paired_difference, proportion_difference, verdict
+    from .claims import mean_interval, paired_difference, proportion_difference, verdict, wilson
 
     rows_unit = "parallel rows"
     res = []
@@ -249,6 +265,17 @@ def verdicts(out: Mapping[str, Mapping], counted_steps: Mapping[str, Sequence[in
                 res.append(verdict("C3", f"first layer's share of key neurons, step {moved[-1]} minus step {moved[0]}",
                                    *d, control=f"the share at step {moved[0]}, the first checkpoint after the loss moved",
                                    n_units=n0 + n1, units="key neurons", chapter="10", model=name))
+        width = kc[kc["step"] == kc["step"].max()].groupby("layer")["width"].first()
+        both, n, chance = lape_agreement(out[name]["method_overlap"], int(width.sum()))
+        if n:
+            found = out[name]["method_overlap"]
+            found = found[(found["key"] > 0) & (found["lape"] > 0)]
+            res.append(verdict("C4", "share of key neurons that LAPE gives the same language",
+                               *wilson(both, n), null=chance,
+                               control="the share if LAPE's neurons of each language were placed at random",
+                               n_units=n, units="key neurons", chapter="10", model=name, counted=False,
+                               note="the two methods compared, shown beside the claim; languages where both find "
+                                    f"neurons: {', '.join(found['language'])}"))
         s = ablation_summary(out[name]["ablation"])
         own = s[s["ablated"] == s["language"]].set_index("language")
         if own.empty:

@@ -164,6 +164,10 @@ _BASE: dict[str, Any] = {
         "sae_batch_tokens": 256,
         "sae_lr": 2e-3,
         "sae_dead_window_tokens": 10_000,
+        # every token's vector rescaled to norm sqrt(d_model) before the SAE (the study's code
+        # scales to norm 1); "none": the raw residual stream
+        "sae_normalize": "constant_norm_rescale",
+        "sae_seeds": 2,                # SAEs per checkpoint and layer, each seed decided on its own
         "max_fvu": 0.3,                # quality bar: an SAE above either is named in the chapter
         "max_dead": 0.5,               # ... (share of latents that never fire on held-out text)
         "context_rows": 200,           # validation rows per language searched for top contexts
@@ -295,6 +299,7 @@ def _check_value(key: str, value: Any, default: Any) -> None:
 ALLOWED = {
     "corpus.source": ("bible", "hf", "text"),
     "clt.activation": ("jumprelu", "topk", "batchtopk"),
+    "bilingual.sae_normalize": ("none", "constant_norm_rescale"),
 }
 
 

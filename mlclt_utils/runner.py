@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -94,12 +95,23 @@ def run_chapter(source: Path, parameters: dict, kernel: str = "python3") -> Path
 HIDDEN_TAGS = {"parameters", "injected-parameters"}
 
 
+# a tqdm line: "desc: 40%|####      | 4/10 [00:01<00:02, 3.1it/s]" (any bar characters)
+PROGRESS_LINE = re.compile(r"\d+%\|.*\|\s*[\d.]+[kMG]?/[\d.?]+[kMG]?\s*\[|\d+(?:it|s)?/?\S*\s*\[[\d:]+(?:<[\d:?]+)?,")
+
+
+def is_progress(text: str) -> bool:
+    """Whether a line of stream output is a progress bar's (tqdm's format)."""
+    return bool(PROGRESS_LINE.search(text))
+
+
 def tidy_executed(path: Path) -> None:
     """Make an executed chapter read as a book page: the notebook's and papermill's
     parameter cells are removed from the page (the chapter's header shows the run's
-    parameters once), and the code of every other cell is folded under a "show code"
-    button (``hide-input``) unless the chapter already tags it, so the page reads as text,
-    figures and tables. Progress bars print one line each already (``viz.progress``)."""
+    parameters once), the code of every other cell is folded under a "show code" button
+    (``hide-input``) unless the chapter already tags it, and progress-bar lines are taken
+    out of the stderr stream outputs (the book's own bars write to the runner's log,
+    ``viz.progress``; this catches other libraries' bars), so the page reads as text,
+    figures and tables."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
@@ -109,7 +121,22 @@ def tidy_executed(path: Path) -> None:
             tags.append("remove-cell")
         elif cell.cell_type == "code" and not any(t.startswith(("remove-", "hide-")) for t in tags):
             tags.append("hide-input")
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in map(_without_progress, cell.outputs) if o is not None]
     nbformat.write(nb, str(path))
+
+
+def _without_progress(output):
+    """A stderr stream output without its progress-bar lines (None when nothing is left)."""
+    if output.get("output_type") != "stream" or output.get("name") != "stderr":
+        return output
+    # a bar redraws with carriage returns: each redraw is a line of its own
+    lines = re.split(r"(?<=\n)|\r", output.get("text", ""))
+    kept = "".join(l for l in lines if l and not is_progress(l))
+    if not kept.strip():
+        return None
+    output["text"] = kept
+    return output
 
 
 LANDING = EXECUTED / "claims_landing.md"    # included by book/intro.md

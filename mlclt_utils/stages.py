@@ -477,6 +477,46 @@ register(StageKind("models", "02", _model_config,
                    _build_model, _load_model, keys=model_names, resumable=True, distributed=True))
 
 
+def _retrieval_config(preset, key) -> dict:
+    f = preset["features"]
+    return {"model_name": key, "parallel": f["parallel"], "max_rows": f["max_rows"],
+            "batch_size": f["batch_size"], "languages": trained_languages(preset, key),
+            "bootstrap": f["bootstrap"], "seed": preset["seed"], "ks": [1, 5]}
+
+
+def _build_retrieval(ctx: BuildContext):
+    """Translation retrieval on the residual stream at every kept checkpoint: one streamed
+    pass per checkpoint and language over the parallel verses (``features.retrieval``)."""
+    import pandas as pd
+
+    from .data.datasets import verse_rows
+    from .features.activations import ResidualStream, collect_unit_stats
+    from .features.parallel import load_parallel
+    from .features.retrieval import retrieval_by_layer
+    from .models.load import checkpoint_steps
+    from .viz.progress import progress_bar
+
+    cfg = ctx.config
+    parallel = load_parallel(cfg["parallel"], cfg["languages"], corpus=ctx.input("corpus"))
+    if cfg["max_rows"]:
+        parallel = parallel.subset(cfg["max_rows"])
+    steps = checkpoint_steps(stage("models", ctx.run, ctx.key, ctx.root).path)
+    parts = []
+    for step in progress_bar(iterable=steps, desc=f"retrieval {ctx.key}", disable=not ctx.progress):
+        model = ctx.input("models", ctx.key, step=step)
+        source = ResidualStream(model)
+        stats = {lang: collect_unit_stats(source, verse_rows(model.tokenizer, parallel.texts[lang], model.cfg.n_ctx),
+                                          cfg["batch_size"]) for lang in parallel.languages}
+        parts.append(retrieval_by_layer(stats, None, cfg["ks"], cfg["bootstrap"], cfg["seed"]).assign(step=step))
+    _write_tables(ctx.stage, {"retrieval": pd.concat(parts, ignore_index=True)})
+
+
+register(StageKind("retrieval", "02", _retrieval_config,
+                   lambda p, k: [("corpus", None), ("tokenizer", None), ("models", k)],
+                   _build_retrieval, lambda st: _load_tables(st, ("retrieval",))["retrieval"],
+                   keys=model_names))
+
+
 # ------------------------------------------------------------------------------ CLTs -----
 
 def clt_kind(cross_layer: bool = True, activation: str = "jumprelu") -> str:
@@ -772,7 +812,7 @@ def _neurons_config(preset, key) -> dict:
     f = preset["features"]
     return {"model_name": key, "languages": list(preset["corpus"]["languages"]),
             "parallel": f["parallel"], "batch_size": f["batch_size"], "seed": preset["seed"],
-            "ablation_split": "validation", **preset["neurons"]}
+            "ablation_split": "validation", "row_scores": "every layer", **preset["neurons"]}
 
 
 def _build_neurons(ctx: BuildContext):
@@ -835,7 +875,7 @@ register(StageKind("neurons", "10", _neurons_config,
 # corpus, tokenizer, data and models are built by the kinds above.
 
 SAE_KEYS = ("sae_checkpoints", "sae_expansion", "sae_k", "sae_tokens", "sae_batch_tokens", "sae_lr",
-            "sae_dead_window_tokens", "context_rows", "top_contexts", "context_ratio", "language_share")
+            "sae_dead_window_tokens", "sae_normalize", "sae_seeds", "context_rows", "top_contexts", "context_ratio", "language_share")
 
 
 def _saes_config(preset, key) -> dict:
@@ -921,6 +961,8 @@ def _build_stitching(ctx: BuildContext):
     if not targets:
         raise ValueError(f"stitching needs an SAE checkpoint before the final one; {ctx.key} has {steps}")
     labels = saes["labels"][saes["labels"]["step"] == steps[-1]]
+    if "sae_seed" in labels:
+        labels = labels[labels["sae_seed"] == 0]      # the first seed's SAEs are stitched
     final_saes = {int(layer): (load_sae(sae_folder(saes["folder"], steps[-1], int(layer))), lab)
                   for layer, lab in labels.groupby("layer")}
     parts = []

@@ -25,6 +25,17 @@ def test_tiny_chain_and_book(tmp_path):
         assert page.exists(), f"{page} was not built"
     # executed chapters carry their figures as images, so the book reads without a kernel
     assert "<img" in (html / "book" / "chapters" / "02_train_models.html").read_text()
+    # ... and no progress-bar text: the bars went to the runner's log
+    import nbformat
+
+    from mlclt_utils.runner import is_progress
+
+    for executed in sorted((REPO / "book" / "chapters").glob("*.ipynb")):
+        for cell in nbformat.read(str(executed), as_version=4).cells:
+            for out in cell.get("outputs", []):
+                text = out.get("text", "")
+                assert not any(is_progress(line) for line in text.splitlines()), \
+                    f"{executed.name} carries progress output: {text[:200]!r}"
     for page in sorted(html.rglob("*.html")):
         text = page.read_text()
         assert not fetched_from_network(text), f"{page.name} fetches {fetched_from_network(text)}"

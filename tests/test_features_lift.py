@@ -123,3 +123,30 @@ def test_decoder_directions_refuse_bad_input():
         clt_decoder_directions(clt, L, [0])
     with pytest.raises(ValueError, match=f"feature {F} is outside"):
         clt_decoder_directions(clt, 0, [1, F])
+
+
+def test_promoted_tokens_are_the_top_direct_logits_of_the_decoders_write():
+    """The graph figure's feature labels: the tokens with the largest direct logits of the
+    feature's total write (computed here through the CLT's own decode), specials skipped."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from mlclt_utils.graphs.attribution import promoted_tokens
+
+    clt = tiny_clt()
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=D, n_heads=1, d_head=D, d_mlp=8, n_ctx=8,
+                                                      d_vocab=V, act_fn="relu", normalization_type=None, seed=3))
+
+    class Words:
+        def decode(self, ids):
+            return "<bos>" if ids[0] == 3 else f" w{ids[0]}"
+
+    keys = [(1, 0), (1, 5), (0, 2)]
+    got = promoted_tokens(clt, model, Words(), keys, k=2)
+    assert set(got) == set(keys)
+    for layer, f in keys:
+        with torch.no_grad():
+            acts = torch.zeros(1, L, F)
+            acts[0, layer, f] = 1.0
+            write = (clt.decode(acts) - clt.decode(torch.zeros_like(acts))).sum(1)[0]
+            order = [t for t in (write @ model.W_U).argsort(descending=True).tolist() if t != 3][:2]
+        assert got[(layer, f)] == "↑ " + ", ".join(f"w{t}" for t in order)

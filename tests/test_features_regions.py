@@ -245,6 +245,7 @@ def test_neurons_stage_on_the_micro_chain(chain_copy):
     mlp = out["scores"][out["scores"]["unit"] == "mlp"]
     assert sorted(mlp["step"].unique()) == steps and set(mlp["layer"]) == {"all", "0", "1"}
     assert (out["scores"]["unit"] == "clt").sum() == 3
+    assert set(out["row_scores"]["layer"].astype(str)) == {"all", "0", "1"}
     assert out["similarity"]["mlp"].shape == (10, 10)
     langs = set(out["key_units"]["language"])
     assert set(out["ablation"]["ablated"]) == langs
@@ -321,8 +322,11 @@ def _neurons_out(sads_growth: float, own_hurt: float, seed: int = 0):
                      "relative_change": rng.normal(0, 0.005)} for d in range(5)]
     location = pd.DataFrame([{"spread": "all", "keys": 50, "edge_share": 0.9, "low": 0.8, "high": 0.95,
                               "null_keys": 10, "null_edge_share": 0.5, "even_share": 0.5}])
+    # 4 layers x 64 neurons; key and LAPE neurons agree on 15 of 40 (chance: 40 * 20 / 256 = ~3)
+    overlap = pd.DataFrame({"language": ["en", "fr", "de"], "key": [20, 20, 10], "lape": [10, 10, 0],
+                            "both": [8, 7, 0], "jaccard": [0.3, 0.3, 0.0]})
     return {"row_scores": pd.concat(rows), "steps": [1, 10, 100], "key_counts": counts,
-            "key_location": location, "ablation": pd.DataFrame(abl), "rows": 60}
+            "key_location": location, "ablation": pd.DataFrame(abl), "rows": 60, "method_overlap": overlap}
 
 
 def test_neuron_verdicts_on_planted_data():
@@ -335,6 +339,46 @@ def test_neuron_verdicts_on_planted_data():
     assert by[("C3", "share of key neurons (one z spread for all layers) in the first and last layers")] == "holds"
     assert all(r["verdict"] == "holds" for r in got if r["claim"] == "C4")
     flat = verdicts({"m": _neurons_out(0.0, 0.0, seed=1)}, {"m": [10, 100]}, n_boot=300)
-    assert all(r["verdict"] == "inconclusive" for r in flat if r["claim"] == "C4" or "growth" in r["statistic"])
+    assert all(r["verdict"] == "inconclusive" for r in flat
+               if (r["claim"] == "C4" and r["counted"]) or "growth" in r["statistic"])
     # step 1 came before the loss moved: growth is measured from step 10, not step 1
     assert any("step 10 to 100" in r["statistic"] for r in got)
+    # key vs LAPE: over en and fr only (de has no LAPE neuron), shown but not counted
+    lape = [r for r in got if "LAPE" in r["statistic"]]
+    assert len(lape) == 1 and not lape[0]["counted"] and lape[0]["verdict"] == "holds"
+    assert lape[0]["n_units"] == 40 and lape[0]["estimate"] == pytest.approx(15 / 40)
+    assert lape[0]["null"] == pytest.approx((20 * 10 + 20 * 10) / 256 / 40)
+    assert lape[0]["note"].endswith("en, fr")
+
+
+def test_lape_agreement_at_chance_is_not_called_agreement():
+    from mlclt_utils.claims import decide, wilson
+    from mlclt_utils.neurons import lape_agreement
+
+    # 256 neurons, 64 key and 64 LAPE per language: 16 in common is exactly chance
+    overlap = pd.DataFrame({"language": ["en", "fr"], "key": [64, 64], "lape": [64, 64], "both": [16, 16]})
+    both, n, chance = lape_agreement(overlap, 256)
+    assert (both, n) == (32, 128) and chance == pytest.approx(0.25)
+    assert decide(*wilson(both, n)[1:], chance) == "inconclusive"
+    assert lape_agreement(overlap.assign(lape=0), 256) == (0, 0, pytest.approx(float("nan"), nan_ok=True))
+
+
+def test_row_scores_by_layer_and_their_intervals():
+    from scipy import stats as st
+
+    rng = np.random.default_rng(5)
+    blocks = {lang: [np.abs(rng.normal(size=(12, 20))) + i, np.abs(rng.normal(size=(12, 30)))]
+              for i, lang in enumerate(LANGS)}
+    stats = _stats(blocks)
+    rows = regions.row_scores_by_layer(stats)
+    assert list(dict.fromkeys(rows["layer"])) == ["all", "0", "1"]
+    pd.testing.assert_frame_equal(rows[rows["layer"] == "all"].drop(columns="layer").reset_index(drop=True),
+                                  regions.row_scores(*regions.patterns(stats)))
+    by_layer = regions.scores_by_layer(stats).set_index("layer")
+    ci = regions.score_intervals(rows).set_index("layer")
+    for layer in ("all", "0", "1"):
+        v = rows.loc[rows["layer"] == layer, "sads"].to_numpy()
+        assert ci.loc[layer, "lrds"] == pytest.approx(by_layer.loc[layer, "lrds"])
+        assert ci.loc[layer, "sads"] == pytest.approx(by_layer.loc[layer, "sads"])
+        lo, hi = st.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=st.sem(v))    # 12 rows: t quantiles
+        assert (ci.loc[layer, "sads_low"], ci.loc[layer, "sads_high"]) == (pytest.approx(lo), pytest.approx(hi))

@@ -45,3 +45,42 @@ def test_executed_chapters_fold_code_and_drop_parameter_cells(tmp_path):
     tags = [c.metadata.get("tags", []) for c in nbformat.read(str(path), as_version=4).cells]
     assert tags[0] == [] and "remove-cell" in tags[1] and "remove-cell" in tags[2]
     assert tags[3] == ["remove-input"] and tags[4] == ["hide-input"]
+
+
+def test_executed_chapters_lose_progress_bars_and_keep_warnings(tmp_path):
+    import nbformat
+
+    from mlclt_utils.runner import tidy_executed
+
+    bars = ("train models/s-en0:  50%|#####     | 732/1464 [06:30<06:30,  1.9step/s]\r"
+            "train models/s-en0: 100%|##########| 1464/1464 [13:02<00:00,  2.58step/s, loss=4.991]\n")
+    warning = "UserWarning: 3 of 40 prompts have no answer token\n"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("train()", outputs=[
+                    nbformat.v4.new_output("stream", name="stderr", text=bars),
+                    nbformat.v4.new_output("stream", name="stderr", text=bars + warning),
+                    nbformat.v4.new_output("stream", name="stdout", text="50%|#####| printed on purpose 1/2 [00:01<00:01, 1it/s]\n")])]
+    path = tmp_path / "ch.ipynb"
+    nbformat.write(nb, str(path))
+    tidy_executed(path)
+    outputs = nbformat.read(str(path), as_version=4).cells[0].outputs
+    assert [o.name for o in outputs] == ["stderr", "stdout"]          # the bar-only output is gone
+    assert outputs[0].text == warning                                  # the warning stays, its bars do not
+    assert "printed on purpose" in outputs[1].text                     # stdout is the chapter's own text
+
+
+def test_book_progress_bars_write_to_the_process_stderr(monkeypatch, capsys):
+    """Under the runner (plain progress) the book's bars go to the kernel process's stderr,
+    which the runner's log shows, not to the cell's captured stderr."""
+    import io
+    import sys
+
+    from mlclt_utils.viz.progress import PLAIN_ENV, progress_bar
+
+    monkeypatch.setenv(PLAIN_ENV, "1")
+    process = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", process)
+    for _ in progress_bar(iterable=range(3), desc="work"):
+        pass
+    assert "work: 100%" in process.getvalue() and "3/3" in process.getvalue()
+    assert "work" not in capsys.readouterr().err

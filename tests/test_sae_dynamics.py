@@ -226,8 +226,14 @@ def test_sae_stage_saves_saelens_folders_that_reproduce_its_labels(chain_copy):
     saes = {l: SAE.load_from_disk(sae_folder(out["folder"], steps[-1], l)) for l in (0, 1)}
     for i, top in enumerate(top_contexts(SAELatents(model, saes), rows, 50, 32)):
         again = unit_languages(top, rows, out["token_languages"], ["en", "fr"], 0.7, 0.9)
-        stored = out["labels"][(out["labels"]["step"] == steps[-1]) & (out["labels"]["layer"] == i)]
+        lab = out["labels"]
+        stored = lab[(lab["step"] == steps[-1]) & (lab["layer"] == i) & (lab["sae_seed"] == 0)]
         assert again["label"].tolist() == stored["label"].tolist()
+    # the second SAE seed: its own folder, its own weights, its own rows
+    assert sorted(out["labels"]["sae_seed"].unique()) == [0, 1]
+    other = SAE.load_from_disk(sae_folder(out["folder"], steps[-1], 0, seed=1))
+    assert not torch.equal(other.W_enc, saes[0].W_enc)
+    assert saes[0].cfg.normalize_activations == "constant_norm_rescale"
     stages.build("stitching", preset, RUN, "s-en50", chain_copy, progress=False)
     table = stages.load("stitching", preset, RUN, "s-en50", chain_copy)
     assert set(table["step"]) == set(steps[1:-1]) and set(table["language"]) == {"en", "fr"}
@@ -245,3 +251,15 @@ def test_every_size_gets_saes_of_the_same_density(preset):
         d_model = bi["models"]["sizes"][name.split("-")[0]]["d_model"]
         density.append(c["sae_k"] / (c["sae_expansion"] * d_model))
     assert len(density) >= 2 and max(density) / min(density) < 1.1
+
+
+def test_contexts_are_cut_between_words_and_characters():
+    from mlclt_utils.features.contexts import cut_words
+
+    text = "and then he remembered the covenant of his fathers"
+    assert cut_words(text, 20, keep="end") == "…of his fathers"          # "covenant" would be cut: dropped
+    assert cut_words(text, 22, keep="start") == "and then he remembered…"  # cut at a space: whole words
+    assert cut_words(text, 20, keep="start") == "and then he…"
+    assert cut_words("天と地を創造された", 4, keep="end") == "…造された"       # no spaces: cut between characters
+    assert cut_words("\ufffd天と地", 10, keep="end") == "天と地"               # no replacement character
+    assert cut_words("short", 10, keep="start") == "short"

@@ -107,6 +107,37 @@ def test_training_sae_saves_as_inference_model(model, rows, eval_acts, tmp_path)
         assert torch.allclose(back(acts), sae(acts), atol=1e-5)
 
 
+def test_normalised_saes_see_every_token_at_one_norm(model, rows, eval_acts, tmp_path):
+    """``constant_norm_rescale``: the trained SAE rescales raw input itself, so a token's
+    latents do not depend on its norm, its reconstruction scales with it, the stitched
+    output of every latent is the SAE's reconstruction, and the setting survives a reload."""
+    from mlclt_utils.sae.stitch import latent_output
+    from mlclt_utils.sae.train import normalise
+
+    cfg = SAETrainingConfig(**{**CFG, "normalize_activations": "constant_norm_rescale"})
+    sae = train_saes(model, rows, [1], cfg, progress=False)[1]
+    assert sae.cfg.normalize_activations == "constant_norm_rescale"
+    acts = eval_acts[1]
+    with torch.no_grad():
+        z = sae.encode(acts)
+        torch.testing.assert_close(sae.encode(3.0 * acts), z)
+        recon = sae.decode(sae.encode(acts))
+        torch.testing.assert_close(sae.decode(sae.encode(3.0 * acts)), 3.0 * recon)
+        torch.testing.assert_close(latent_output(sae, acts, range(cfg.d_sae), bias=True), recon)
+        # its decoder bias started at the mean of rescaled vectors: inside the sqrt(d) ball
+        assert float(sae.b_dec.norm()) <= SIZE["d_model"] ** 0.5 * 1.01
+        assert normalise(acts).norm(dim=-1).sub(SIZE["d_model"] ** 0.5).abs().max() < 1e-3
+    q = sae_quality(sae, acts)
+    assert q["fvu"] < 0.5, q
+    save_sae(sae, tmp_path / "n")
+    back = load_sae(tmp_path / "n")
+    assert back.cfg.normalize_activations == "constant_norm_rescale"
+    with torch.no_grad():
+        assert torch.equal(back.encode(acts), z)
+    with pytest.raises(ValueError, match="normalize_activations"):
+        SAETrainingConfig(**{**CFG, "normalize_activations": "layer_norm"})
+
+
 def test_stream_leaves_out_bos_and_pad(model, rows):
     keep = kept_mask_by_hand(rows)
     assert (rows == PAD_ID).any() and keep.sum() < rows.numel() - rows.shape[0]

@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
@@ -100,15 +101,64 @@ def test_loss_curves_leave_no_empty_panel():
         plt.close(fig)
 
 
-def test_graph_figure_draws_only_positions_with_inner_nodes():
-    from mlclt_utils.viz.figures import graph_figure
+def _graph(n_features=30, seed=0):
+    """A graph of 3 layers over 6 positions: ``n_features`` features (influence falling with
+    their id), one error node, six tokens and a target, edges from tokens to features and
+    from features to the target."""
+    import numpy as np
 
-    nodes = pd.DataFrame([(0, "feature", 0, 3, 7, 1.0, 0.5), (1, "error", 1, 5, -1, float("nan"), 0.2),
-                          (2, "token", -1, 0, -1, float("nan"), 0.1), (3, "token", -1, 9, -1, float("nan"), 0.1),
-                          (4, "logit", 2, 9, -1, float("nan"), float("nan"))],
-                         columns=["node", "kind", "layer", "position", "feature", "activation", "influence"])
-    edges = pd.DataFrame({"source": [3, 0], "target": [0, 4], "weight": [0.5, -0.2]})
-    fig = graph_figure(nodes, edges, [f"t{i}" for i in range(10)], last_tokens=2)
-    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert labels == ["t3\n@3", "t5\n@5", "t8\n@8", "t9\n@9"]
+    rng = np.random.default_rng(seed)
+    rows = [(i, "feature", i % 3, 2 + i % 4, 100 + i, 1.0, 1.0 / (1 + i)) for i in range(n_features)]
+    rows.append((n_features, "error", 1, 5, -1, float("nan"), 0.05))
+    tokens = list(range(n_features + 1, n_features + 7))
+    rows += [(t, "token", -1, j, -1, float("nan"), 0.1) for j, t in enumerate(tokens)]
+    target = n_features + 7
+    rows.append((target, "logit", 3, 5, -1, float("nan"), float("nan")))
+    nodes = pd.DataFrame(rows, columns=["node", "kind", "layer", "position", "feature", "activation", "influence"])
+    src = [tokens[i % 6] for i in range(n_features)] + list(range(n_features))
+    dst = list(range(n_features)) + [target] * n_features
+    edges = pd.DataFrame({"source": src, "target": dst, "weight": rng.normal(size=len(src))})
+    return nodes, edges
+
+
+def test_graph_figure_caps_nodes_labels_the_top_features_and_explains_its_colours():
+    import numpy as np
+    from matplotlib.collections import PathCollection
+    from matplotlib.colors import to_rgb
+
+    from mlclt_utils.viz.figures import SHARED_COLOUR, graph_figure
+
+    graphs = []
+    for seed, lang in enumerate(("en", "ja")):
+        nodes, edges = _graph(seed=seed)
+        graphs.append({"nodes": nodes, "edges": edges, "tokens": [f"t{i}" for i in range(6)], "title": lang})
+    labels = {(i % 3, 100 + i): f"↑ word{i}" for i in range(30)}
+    fig = graph_figure(graphs, labels, shared={(0, 100), (1, 101)}, language_features={(2, 102): "fr"},
+                       max_nodes=8, max_edges=20, labelled=4)
+    drawn = [a for a in fig.axes if a.get_visible()]
+    assert len(drawn) == 2
+    for ax in drawn:
+        circles = [c for c in ax.collections if isinstance(c, PathCollection)
+                   and c.get_paths() and len(c.get_paths()[0].vertices) > 20]      # circle markers
+        assert 0 < len(circles) <= 8                                                # the node cap
+        texts = [t.get_text() for t in ax.texts]
+        assert len(texts) == 4 and texts[0] == "L0/100 ↑ word0"                    # top features, labelled
+        assert 0 < len(ax.lines) <= 20                                              # the edge cap
+        colours = {tuple(np.round(c.get_facecolor()[0][:3], 3)) for c in ax.collections if len(c.get_facecolor())}
+        assert tuple(np.round(to_rgb(SHARED_COLOUR), 3)) in colours
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "feature shared with the other languages" in legend and "fr (French) language feature" in legend
+    assert "edge raises its target" in legend and "edge lowers its target" in legend
     plt.close(fig)
+    with pytest.raises(ValueError, match="no graph"):
+        graph_figure([])
+
+
+def test_long_tables_fold_and_short_ones_do_not():
+    long = table(pd.DataFrame({"verse": range(30), "score": np.linspace(0, 1, 30)}), caption="per verse")
+    html = long._repr_html_()
+    assert html.startswith('<details class="mlclt-fold">') and "Show the table (30 rows: per verse)" in html
+    assert "<table" in html and html.endswith("</details>")
+    short = table(pd.DataFrame({"verse": range(5), "score": np.linspace(0, 1, 5)}))._repr_html_()
+    assert "<details" not in short and "<table" in short
+    assert "<details" not in table(pd.DataFrame({"v": range(30)}), fold=None)._repr_html_()

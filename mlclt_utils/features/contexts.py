@@ -142,4 +142,23 @@ def context_text(tokenizer, rows: Tensor, position: int, before: int = 30, after
                 break
     text = marked_context(tokenizer, window, at)
     a, b = text.index("[["), text.index("]]") + 2
-    return text[max(0, a - before):a].lstrip() + text[a:b] + text[b:b + after].rstrip()
+    return cut_words(text[:a], before, keep="end") + text[a:b] + cut_words(text[b:], after, keep="start")
+
+
+def cut_words(text: str, n: int, keep: str) -> str:
+    """The last (``keep="end"``) or first (``"start"``) ``n`` characters of ``text``, cut where
+    a word ends when the text has spaces (a cut word is dropped, "…" marks the cut; text
+    without spaces, as Japanese or Chinese, is cut between characters) and without the
+    replacement character that a byte piece cut from its character decodes to."""
+    text = text.strip("\ufffd")
+    if len(text) <= n:
+        return text.lstrip() if keep == "end" else text.rstrip()
+    if keep == "end":
+        part = text[-n:]
+        if not text[-n - 1].isspace() and not part[0].isspace() and " " in part.strip():
+            part = part[part.index(" ", len(part) - len(part.lstrip())):]       # drop the cut word
+        return "…" + part.strip().strip("\ufffd")
+    part = text[:n]
+    if not text[n].isspace() and not part[-1].isspace() and " " in part.strip():
+        part = part[:part.rstrip().rindex(" ")]
+    return part.strip().strip("\ufffd") + "…"

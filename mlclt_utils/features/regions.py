@@ -119,6 +119,31 @@ def row_scores(x: np.ndarray, language: Sequence, meaning: Sequence) -> pd.DataF
     return out.groupby("meaning", sort=True)[["lrds", "sads"]].mean().reset_index()
 
 
+def row_scores_by_layer(stats: Mapping[str, UnitStats], max_rows: int | None = None) -> pd.DataFrame:
+    """:func:`row_scores` of all layers concatenated (``layer == "all"``) and of every layer
+    alone (``layer`` "0", "1", ...): ``meaning, lrds, sads, layer``."""
+    n_layers = len(next(iter(stats.values())).means)
+    return pd.concat([row_scores(*patterns(stats, layers, max_rows)).assign(layer=name)
+                      for layers, name in [(None, "all")] + [([l], str(l)) for l in range(n_layers)]],
+                     ignore_index=True)
+
+
+def score_intervals(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """LRDS and SADS with 95 % intervals over parallel rows, per group of ``rows`` (every
+    column but ``meaning, lrds, sads``, e.g. unit, step, layer): columns ``lrds, lrds_low,
+    lrds_high, sads, sads_low, sads_high`` beside the group's keys."""
+    from ..claims import mean_interval
+
+    keys = [c for c in rows.columns if c not in ("meaning", "lrds", "sads")]
+    out = []
+    for key, g in rows.groupby(keys, sort=False):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        for score in ("lrds", "sads"):
+            row[score], row[f"{score}_low"], row[f"{score}_high"] = mean_interval(g[score], n_boot, seed)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
 def scores_by_layer(stats: Mapping[str, UnitStats], max_rows: int | None = None) -> pd.DataFrame:
     """LRDS and SADS of every layer alone and of all layers concatenated (``layer == "all"``)."""
     rows = []

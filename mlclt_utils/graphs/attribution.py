@@ -247,7 +247,7 @@ def graph_findings(model_name: str, n_concepts: int, prompts, scores, nodes, sha
     prompts, graph scores, node tables, :func:`shared_by_concept` table and the language
     features' share of influence per language (``lang_share``, columns "language-vector
     graph" and "answer-logit graph")."""
-    from ..claims import sentence
+    from ..claims import paired_difference, sentence
 
     items, rows, verdicts = [], [], []
     answered = float(prompts["answered"].mean()) if len(prompts) else float("nan")
@@ -289,10 +289,43 @@ def graph_findings(model_name: str, n_concepts: int, prompts, scores, nodes, sha
         rows += [{"model": model_name, "metric": f"shared influence, layer {int(l)}", "value": float(v)}
                  for l, v in m.items()]
     lv, lg = lang_share["language-vector graph"].mean(), lang_share["answer-logit graph"].mean()
+    pair = lang_share[["language-vector graph", "answer-logit graph"]].dropna()
+    est, lo, hi = (paired_difference(pair.iloc[:, 0].to_numpy(), pair.iloc[:, 1].to_numpy(), n_boot, seed)
+                   if len(pair) >= 2 else (lv - lg, float("nan"), float("nan")))
+    read = ("they matter more for which language the answer takes than for the answer itself" if lo > 0 else
+            "they matter less there than in the answer-logit graphs" if hi < 0 else
+            "the interval does not tell the two apart")
     items.append(f"Chapter 05's language features of the prompt's language carry {lv:.0%} of the language-vector "
-                 f"graphs' feature influence against {lg:.0%} of the answer-logit graphs' (mean over languages)"
-                 + (": they matter more for which language the answer takes than for the answer itself."
-                    if lv > lg else "."))
+                 f"graphs' feature influence against {lg:.0%} of the answer-logit graphs' (mean over {len(pair)} "
+                 f"languages; difference {est:+.0%}, 95 % t interval [{lo:+.0%}, {hi:+.0%}]): {read}.")
     rows += [{"model": model_name, "metric": "language features' share, language-vector graphs", "value": float(lv)},
              {"model": model_name, "metric": "language features' share, answer-logit graphs", "value": float(lg)}]
     return items, rows, verdicts
+
+
+def promoted_tokens(clt, model, tokenizer, keys, k: int = 2) -> dict[tuple[int, int], str]:
+    """A short label per CLT feature ``(layer, feature)`` of ``keys``: the ``k`` tokens its
+    total decoder write promotes most when read straight through the unembedding (the
+    direct-logit view of ``features.lift``), e.g. ``"↑ king, roi"``. Special tokens and
+    byte pieces that decode to nothing printable are skipped."""
+    import torch
+
+    from ..features.lift import clt_decoder_directions, final_ln_linear
+    from ..tokenizer import SPECIAL_TOKENS
+
+    keys = sorted({(int(l), int(f)) for l, f in keys})
+    out = {}
+    for layer in sorted({l for l, _ in keys}):
+        feats = [f for l, f in keys if l == layer]
+        with torch.no_grad():
+            logits = final_ln_linear(clt_decoder_directions(clt, layer, feats), model) @ model.W_U.to(clt.W_dec[layer])
+        for f, row in zip(feats, logits):
+            words = []
+            for t in row.argsort(descending=True).tolist():
+                text = tokenizer.decode([t]).strip()
+                if text and "\ufffd" not in text and text not in SPECIAL_TOKENS:
+                    words.append(text)
+                if len(words) == k:
+                    break
+            out[(layer, f)] = "↑ " + ", ".join(words)
+    return out

@@ -26,15 +26,17 @@ def sae_layers(n_layers: int) -> list[int]:
     return sorted({0, n_layers // 2, n_layers - 1})
 
 
-def sae_folder(root, step: int, layer: int) -> Path:
-    """Where the SAE of ``layer`` at checkpoint ``step`` is saved (SAELens format)."""
-    return Path(root) / f"step_{step:07d}" / f"layer_{layer}"
+def sae_folder(root, step: int, layer: int, seed: int = 0) -> Path:
+    """Where the SAE of ``layer`` at checkpoint ``step`` trained with SAE seed number
+    ``seed`` (0, 1, ...) is saved (SAELens format)."""
+    return Path(root) / f"step_{step:07d}" / f"seed_{seed}" / f"layer_{layer}"
 
 
 def training_config(cfg: Mapping, d_model: int, seed: int) -> SAETrainingConfig:
     return SAETrainingConfig(d_sae=cfg["sae_expansion"] * d_model, k=cfg["sae_k"],
                              train_tokens=cfg["sae_tokens"], batch_tokens=cfg["sae_batch_tokens"],
-                             lr=cfg["sae_lr"], seed=seed, dead_window_tokens=cfg["sae_dead_window_tokens"])
+                             lr=cfg["sae_lr"], seed=seed, dead_window_tokens=cfg["sae_dead_window_tokens"],
+                             normalize_activations=cfg.get("sae_normalize", "none"))
 
 
 def checkpoint_saes(model, train_rows: torch.Tensor, context_rows: Mapping[str, torch.Tensor],
@@ -75,10 +77,12 @@ def checkpoint_saes(model, train_rows: torch.Tensor, context_rows: Mapping[str, 
 
 def _examples(labels: pd.DataFrame, top, rows, tokenizer, token_languages, languages,
               n_latents: int = 3, per_language: int = 2) -> pd.DataFrame:
-    """Top contexts, per language, of the most active bilingual latents."""
+    """Top contexts, per language, of the most active bilingual latents that are not positional."""
     token_lang = token_languages.labels()
     flat = rows.reshape(-1)
-    bi = labels[labels["label"] == BILINGUAL].nlargest(n_latents, "max_activation")
+    # positional latents (most contexts at one position of the row) are not shown as
+    # bilingual examples: they follow where a token sits, not what it means
+    bi = labels[(labels["label"] == BILINGUAL) & (labels["position_share"] <= 0.5)].nlargest(n_latents, "max_activation")
     out = []
     for unit in bi["unit"]:
         vals, pos = top.values[:, unit], top.positions[:, unit]
@@ -97,21 +101,27 @@ def _examples(labels: pd.DataFrame, top, rows, tokenizer, token_languages, langu
 def bilingual_dynamics(load_model: Callable[[int], object], steps: Sequence[int], train_rows, context_rows,
                        token_languages, cfg: Mapping, seed: int, root, tokenizer=None,
                        progress: bool = True) -> dict[str, pd.DataFrame]:
-    """:func:`checkpoint_saes` at every step of ``steps``, SAEs saved under ``root``; the
-    tables of all steps together (column ``step``) plus ``shares`` (step, layer, label, share)."""
+    """:func:`checkpoint_saes` at every step of ``steps``, ``cfg["sae_seeds"]`` SAEs per layer
+    (seeds ``seed``, ``seed + 1``, ...; column ``sae_seed`` 0, 1, ...), saved under ``root``;
+    the tables of all steps together (columns ``step``, ``sae_seed``) plus ``shares`` (step,
+    sae_seed, layer, label, share)."""
     from ..viz.progress import progress_bar
 
     tables = {"quality": [], "labels": [], "examples": [], "shares": []}
     languages = list(context_rows)
-    for step in progress_bar(iterable=list(steps), desc="SAE checkpoints", disable=not progress):
-        model = load_model(step)
-        out = checkpoint_saes(model, train_rows, context_rows, token_languages, cfg, seed,
-                              folder=lambda layer, step=step: sae_folder(root, step, layer),
+    n_seeds = int(cfg.get("sae_seeds", 1))
+    runs = [(step, i) for step in steps for i in range(n_seeds)]
+    model, loaded = None, None
+    for step, i in progress_bar(iterable=runs, desc="SAEs (checkpoint, seed)", disable=not progress):
+        if loaded != step:
+            model, loaded = load_model(step), step
+        out = checkpoint_saes(model, train_rows, context_rows, token_languages, cfg, seed + i,
+                              folder=lambda layer, step=step, i=i: sae_folder(root, step, layer, i),
                               tokenizer=tokenizer, progress=False)
         for name in ("quality", "labels", "examples"):
-            tables[name].append(out[name].assign(step=step))
+            tables[name].append(out[name].assign(step=step, sae_seed=i))
         for layer, g in out["labels"].groupby("layer"):
-            tables["shares"] += [pd.DataFrame([{"step": step, "layer": layer, "label": k, "share": v}
+            tables["shares"] += [pd.DataFrame([{"step": step, "sae_seed": i, "layer": layer, "label": k, "share": v}
                                                for k, v in label_shares(g, languages).items()])]
     return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame() for k, v in tables.items()}
 
@@ -124,7 +134,28 @@ def bilingual_verdicts(labels: Mapping[str, pd.DataFrame], quality: Mapping[str,
     live latents that are not positional (``position_share`` at most ``max_position_share``)
     of the SAEs that meet the quality bar, at checkpoints where training had moved the loss.
     Shares are compared with Newcombe intervals over latents. ``labels`` is ordered smaller
-    model first, larger last."""
+    model first, larger last. With a ``sae_seed`` column, every SAE seed gets its own rows,
+    all counted: a claim then holds only when it holds for every seed's SAEs."""
+    def seeds_of(t):
+        return sorted(t["sae_seed"].unique()) if "sae_seed" in t else [0]
+
+    def of_seed(t, i):
+        return t[t["sae_seed"] == i] if "sae_seed" in t else t
+
+    seeds = sorted(set().union(*[seeds_of(t) for t in labels.values()]))
+    out = []
+    for i in seeds:
+        rows = _seed_verdicts({n: of_seed(t, i) for n, t in labels.items()},
+                              {n: of_seed(t, i) for n, t in quality.items()},
+                              counted_steps, max_fvu, max_dead, max_position_share)
+        if len(seeds) > 1:
+            rows = [{**r, "statistic": f"{r['statistic']} (SAE seed {i})"} for r in rows]
+        out += rows
+    return out
+
+
+def _seed_verdicts(labels, quality, counted_steps, max_fvu, max_dead, max_position_share) -> list[dict]:
+    """:func:`bilingual_verdicts` for the SAEs of one seed."""
     from ..claims import proportion_difference, verdict
 
     def usable(name):

@@ -26,11 +26,16 @@ MODES = ("add", "substitute")
 
 def latent_output(sae, h: Tensor, latents: Sequence[int], bias: bool) -> Tensor:
     """``sum over latents of z_i W_dec[i]`` for residual states ``h`` [..., d] (plus the
-    decoder bias when ``bias``); zero for an empty selection without bias."""
+    decoder bias when ``bias``), in the units of ``h``: an SAE that rescales its input per
+    token (``constant_norm_rescale``) has its output scaled back by the same factor;
+    zero for an empty selection without bias."""
+    from .train import input_scale
+
     z = sae.encode(h)
     idx = torch.as_tensor(list(latents), dtype=torch.long, device=z.device)
     out = z[..., idx] @ sae.W_dec[idx] if len(idx) else torch.zeros_like(h)
-    return out + sae.b_dec if bias else out
+    out = out + sae.b_dec if bias else out
+    return out * input_scale(sae, h)
 
 
 def source_state(source_model, layer: int, tokens: Tensor) -> Tensor:

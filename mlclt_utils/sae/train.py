@@ -20,8 +20,15 @@ loss for dead latents, Adam, dead-latent tracking, saving).
 
 Settings fixed here, SAELens-wise:
 
-* activation normalisation: ``normalize_activations="none"``; the SAEs see the raw
-  residual stream, and nothing has to be folded in after training;
+* activation normalisation (``SAETrainingConfig.normalize_activations``): ``"none"`` (the raw
+  residual stream) or ``"constant_norm_rescale"``, SAELens's name for scaling every token's
+  vector to norm sqrt(d_in) before encoding and back after decoding, the rule of the
+  bilingual-SAE study's code (which scales to norm 1; sqrt(d_in) keeps SAELens's initialisation
+  and learning rates in their usual range). SAELens's training SAE refuses this setting
+  together with the TopK auxiliary loss (the aux residual would be in the other space), so the
+  training stream hands the SAE vectors already rescaled (:func:`normalise`) and the trained
+  inference SAE is given ``normalize_activations="constant_norm_rescale"``: from then on its
+  ``encode`` rescales the raw stream itself, and its config on disk says so;
 * wandb: ``LoggingConfig(log_to_wandb=False)`` (every wandb call in the trainer is behind
   that flag; ``WANDB_MODE=disabled`` is also set unless the environment says otherwise);
   no checkpoints, no final checkpoint, no evaluator: nothing is written and nothing goes
@@ -50,6 +57,7 @@ from ..tokenizer import BOS_ID, PAD_ID
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 MIX_BATCHES = 4          # the mixing buffer holds at least this many SAE batches
+NORMALISATIONS = ("none", "constant_norm_rescale")
 
 
 def hook_name(layer: int) -> str:
@@ -71,6 +79,7 @@ class SAETrainingConfig:
     dead_window_tokens: int | None = None  # a latent silent this long counts as dead (TopK aux loss);
     # None: SAELens's default dead_feature_window (1000 steps)
     init_tokens: int = 4096        # the decoder bias starts at the mean of this many activations (0: at zero)
+    normalize_activations: str = "none"    # or "constant_norm_rescale": every token's vector to norm sqrt(d)
 
     def __post_init__(self):
         for name in ("d_sae", "k", "train_tokens", "batch_tokens", "model_batch_rows"):
@@ -83,6 +92,9 @@ class SAETrainingConfig:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if isinstance(self.init_tokens, bool) or not isinstance(self.init_tokens, int) or self.init_tokens < 0:
             raise ValueError(f"init_tokens must be a non-negative integer, got {self.init_tokens!r}")
+        if self.normalize_activations not in NORMALISATIONS:
+            raise ValueError(f"normalize_activations must be one of {NORMALISATIONS}, "
+                             f"got {self.normalize_activations!r}")
         if self.dead_window_tokens is not None and self.dead_window_tokens <= 0:
             raise ValueError(f"dead_window_tokens must be positive or None, got {self.dead_window_tokens!r}")
 
@@ -95,6 +107,22 @@ class SAETrainingConfig:
 
 
 # ----------------------------------------------------------------------------- activations
+
+def normalise(x: Tensor) -> Tensor:
+    """Every vector of ``x`` [..., d] scaled to norm sqrt(d), as SAELens's
+    ``constant_norm_rescale`` scales an SAE's input (a zero vector stays zero)."""
+    norm = x.norm(dim=-1, keepdim=True)
+    return x * (x.shape[-1] ** 0.5 / norm.clamp_min(torch.finfo(x.dtype).tiny))
+
+
+def input_scale(sae, h: Tensor) -> Tensor:
+    """What ``sae`` divides each vector of ``h`` [..., d] by before encoding: ``|h| / sqrt(d)``
+    for a ``constant_norm_rescale`` SAE, 1 otherwise; multiply a decoder output by it to put
+    it back in the units of ``h``."""
+    if getattr(sae.cfg, "normalize_activations", "none") == "constant_norm_rescale":
+        return h.norm(dim=-1, keepdim=True) / h.shape[-1] ** 0.5
+    return torch.ones_like(h[..., :1])
+
 
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
@@ -147,14 +175,16 @@ def _check_rows(rows) -> Tensor:
 
 
 def _cycled_stream(model, rows: Tensor, layers: list[int], batch_rows: int, seed: int,
-                   device: torch.device) -> Iterator[dict[str, Tensor]]:
-    """Endless ``stream_activations``: the rows in a fresh seeded random order each epoch."""
+                   device: torch.device, rescale: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Endless ``stream_activations``: the rows in a fresh seeded random order each epoch
+    (``rescale``: every vector through :func:`normalise`)."""
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(rows.shape[0], generator=gen)
         for start in range(0, rows.shape[0], batch_rows):
             acts = _kept_activations(model, rows[order[start:start + batch_rows]], layers)
-            yield {n: a.to(device=device, dtype=torch.float32) for n, a in acts.items()}
+            acts = {n: a.to(device=device, dtype=torch.float32) for n, a in acts.items()}
+            yield {n: normalise(a) for n, a in acts.items()} if rescale else acts
 
 
 def _data_provider(model, rows, layers, cfg: SAETrainingConfig, device) -> Iterator[dict[str, Tensor]]:
@@ -168,7 +198,8 @@ def _data_provider(model, rows, layers, cfg: SAETrainingConfig, device) -> Itera
     buffer = max(MIX_BATCHES * cfg.batch_tokens, 2 * per_forward)
     batches = multi_hook_concat_split_iter(
         buffer_size=buffer, batch_size=cfg.batch_tokens,
-        activations_loader=_cycled_stream(model, rows, layers, cfg.model_batch_rows, cfg.seed, device),
+        activations_loader=_cycled_stream(model, rows, layers, cfg.model_batch_rows, cfg.seed, device,
+                                          rescale=cfg.normalize_activations != "none"),
         hook_names=names, mix_fraction=0.5)
     for batch in batches:
         yield {n: t.contiguous() for n, t in batch.items()}
@@ -210,20 +241,27 @@ def _init_decoder_bias(saes: dict, model, rows: Tensor, layers: list[int], cfg: 
             break
     for l in layers:
         sae = saes[f"layer_{l}"]
-        mean = torch.cat(seen[hook_name(l)])[:cfg.init_tokens].mean(0)
+        acts = torch.cat(seen[hook_name(l)])[:cfg.init_tokens]
+        if cfg.normalize_activations != "none":
+            acts = normalise(acts)
+        mean = acts.mean(0)
         sae.b_dec.copy_(mean.to(sae.b_dec))
 
 
-def to_inference_sae(sae):
+def to_inference_sae(sae, normalize_activations: str = "none"):
     """The SAELens inference SAE of a training SAE, built as ``save_inference_model`` +
-    ``SAE.load_from_disk`` would build it (an inference SAE is returned as it is)."""
+    ``SAE.load_from_disk`` would build it (an inference SAE is returned as it is).
+    ``normalize_activations``: the rescaling the training stream applied, written into the
+    inference SAE's config so that it rescales raw input itself."""
     from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE
 
     if not isinstance(sae, TrainingSAE):
         return sae
     state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
     sae.process_state_dict_for_saving_inference(state)
-    cfg = SAEConfig.from_dict(sae.cfg.get_inference_sae_cfg_dict())
+    cfg_dict = sae.cfg.get_inference_sae_cfg_dict()
+    cfg_dict["normalize_activations"] = normalize_activations
+    cfg = SAEConfig.from_dict(cfg_dict)
     with torch.random.fork_rng(devices=_rng_devices(cfg.device)):   # its random init is overwritten
         inference = SAE.get_sae_class_for_architecture(cfg.architecture())(cfg)
     inference.process_state_dict_for_loading(state)
@@ -267,7 +305,8 @@ def train_saes(model, rows: Tensor, layers: list[int], cfg: SAETrainingConfig,
     (the global torch RNG is left as it was).
 
     Returns ``{layer: SAE}``: SAELens inference ``TopKSAE``s (``return_training=True``: the
-    ``TopKTrainingSAE``s as the trainer left them).
+    ``TopKTrainingSAE``s as the trainer left them; with ``constant_norm_rescale`` these expect
+    input already through :func:`normalise`, the inference SAEs take the raw stream).
     """
     from sae_lens.training import multi_sae_trainer
     from sae_lens.training.multi_sae_trainer import MultiSAETrainer
@@ -299,7 +338,9 @@ def train_saes(model, rows: Tensor, layers: list[int], cfg: SAETrainingConfig,
     finally:
         model.train(was_training)
     out = {l: trained[f"layer_{l}"].eval() for l in layers}
-    return out if return_training else {l: to_inference_sae(s) for l, s in out.items()}
+    if return_training:
+        return out
+    return {l: to_inference_sae(s, cfg.normalize_activations) for l, s in out.items()}
 
 
 # ----------------------------------------------------------------------------- files

@@ -249,70 +249,118 @@ def concept_map_figure(maps: Mapping[int, pd.DataFrame], order: Sequence[str], j
 
 # ---- chapter 06 -------------------------------------------------------------------------
 
-def graph_figure(nodes: pd.DataFrame, edges: pd.DataFrame, tokens: Sequence[str],
-                 feature_labels: Mapping[tuple[int, int], str] | None = None, title: str = "",
-                 max_edges: int = 150, labelled: int = 5, last_tokens: int = 4):
-    """A pruned attribution graph drawn as a static image: token positions across, layers up
-    (embeddings at the bottom, the target on top); features as circles sized by their
-    influence, error nodes as grey squares, edges blue (positive) or red (negative) with
-    width by weight (the ``max_edges`` strongest). The ``labelled`` most influential
-    features are labelled with ``feature_labels[(layer, feature)]`` or their id. Only the
-    positions holding features or error nodes, and the last ``last_tokens`` tokens, are
-    drawn."""
-    import matplotlib.pyplot as plt
+EDGE_COLOURS = {"positive": "#2166ac", "negative": "#b2182b"}
+SHARED_COLOUR, FEATURE_COLOUR = "#7b3294", "#f4a261"
 
-    n_layers = int(nodes["layer"].max())
-    n_pos = len(tokens)
-    # only the positions where features or error nodes survive, and the last few tokens, get
-    # a column: the graph of a long prompt is otherwise a row of unconnected token markers
-    inner = set(nodes.loc[nodes["kind"].isin(["feature", "error"]), "position"].astype(int))
-    cols = sorted(inner | set(range(max(0, n_pos - last_tokens), n_pos)))
-    column = {p: i for i, p in enumerate(cols)}
-    nodes = nodes[nodes["position"].isin(cols)]
-    fig, axes = panels(1, height=max(3.0, 0.85 * (n_layers + 2)))
-    ax = axes[0]
-    xy = {}
-    for (layer, pos), g in nodes.groupby(["layer", "position"]):
-        g = g.sort_values("influence", ascending=False)
-        k = len(g)
-        step = min(0.2, 0.8 / max(k, 1))
-        for j, node in enumerate(g["node"]):
-            xy[int(node)] = (column[int(pos)] + (j - (k - 1) / 2) * step, layer)
-    e = edges.reindex(edges["weight"].abs().sort_values(ascending=False).index).head(max_edges)
-    wmax = float(e["weight"].abs().max()) if len(e) else 1.0
-    for _, r in e.iterrows():
-        a, b = xy.get(int(r["source"])), xy.get(int(r["target"]))
-        if a is None or b is None:
-            continue
-        ax.plot([a[0], b[0]], [a[1], b[1]], color="#1f77b4" if r["weight"] > 0 else "#d62728",
-                lw=0.3 + 2.2 * abs(r["weight"]) / wmax, alpha=0.35, zorder=1)
-    infl = nodes["influence"].fillna(0)
-    size = 15 + 400 * infl / max(float(infl.max()), 1e-12)
-    for kind, style in {"feature": dict(marker="o", color="#ff7f0e"), "error": dict(marker="s", color="#999999"),
-                        "token": dict(marker="D", color="#404040"), "logit": dict(marker="*", color="#2ca02c")}.items():
-        part = nodes[nodes["kind"] == kind]
-        if len(part):
-            pts = np.array([xy[int(n)] for n in part["node"]])
-            s = size[part.index] if kind in ("feature", "error") else 80
-            ax.scatter(pts[:, 0], pts[:, 1], s=s, zorder=2, edgecolors="k", linewidths=0.4,
-                       label={"feature": "feature", "error": "error node", "token": "token",
-                              "logit": "target"}[kind], **style)
-    feats = nodes[nodes["kind"] == "feature"].sort_values("influence", ascending=False).head(labelled)
-    for i, (_, r) in enumerate(feats.iterrows()):
-        x, y = xy[int(r["node"])]
-        key = (int(r["layer"]), int(r["feature"]))
-        text = (feature_labels or {}).get(key, f"L{key[0]}/{key[1]}")
-        ax.annotate(text, (x, y), xytext=(-40 if i % 2 else 6, 10 + 6 * (i // 2)), textcoords="offset points",
-                    fontsize=7, arrowprops=dict(arrowstyle="-", lw=0.4, color="grey"))
-    ax.set_yticks(range(-1, n_layers + 1), ["embed"] + [f"layer {l}" for l in range(n_layers)] + ["target"])
-    names = [tokens[p] if len(tokens[p]) <= 10 else tokens[p][:9] + "…" for p in cols]
-    ax.set_xticks(range(len(cols)), [f"{n}\n@{p}" for n, p in zip(names, cols)], fontsize=8)
-    ax.set_xlim(-0.6, len(cols) - 0.4)
-    ax.set_ylim(-1.5, n_layers + 0.6)
-    ax.grid(False)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    if title:
-        ax.set_title(title, loc="left")
+
+def _prune_graph(nodes: pd.DataFrame, edges: pd.DataFrame, max_nodes: int, max_edges: int):
+    """The ``max_nodes`` most influential feature and error nodes, the target(s), and the
+    token nodes they are linked to; the ``max_edges`` strongest edges among them."""
+    inner = nodes[nodes["kind"].isin(["feature", "error"])]
+    inner = inner.assign(_i=inner["influence"].fillna(0)).nlargest(max_nodes, "_i").drop(columns="_i")
+    keep = set(inner["node"]) | set(nodes.loc[nodes["kind"] == "logit", "node"])
+    e = edges[edges["source"].isin(keep | set(nodes.loc[nodes["kind"] == "token", "node"]))
+              & edges["target"].isin(keep)]
+    e = e.reindex(e["weight"].abs().sort_values(ascending=False).index).head(max_edges)
+    keep |= set(e["source"])
+    return nodes[nodes["node"].isin(keep)], e
+
+
+def graph_figure(graphs: Sequence[Mapping], feature_labels: Mapping[tuple[int, int], str] | None = None,
+                 shared: set | frozenset = frozenset(), language_features: Mapping[tuple[int, int], str] | None = None,
+                 max_nodes: int = 20, max_edges: int = 60, labelled: int = 8):
+    """Pruned attribution graphs side by side, drawn to be traced by eye (the book's offline
+    graph view). ``graphs``: one mapping per panel with ``nodes`` and ``edges`` (the graphs
+    stage's tables for one graph), ``tokens`` (the prompt's token texts) and ``title``.
+
+    Each panel keeps the ``max_nodes`` most influential feature and error nodes, the target
+    and the tokens linked to them, and the ``max_edges`` strongest edges among them. Token
+    positions are columns, layers rows (embeddings at the bottom, the target on top); the
+    nodes of one cell are spread on a small grid. Features are circles sized by influence,
+    coloured purple when ``shared`` holds their (layer, feature) (found in the graphs of the
+    other languages of the concept), in their language's colour when ``language_features``
+    names one (chapter 05), orange otherwise; error nodes are grey squares. Edge colour is
+    its sign (blue raises its target, red lowers it), width its weight. The ``labelled``
+    most influential features carry ``feature_labels[(layer, feature)]`` (e.g. the tokens
+    they promote) after their ``L<layer>/<id>``."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    if not graphs:
+        raise ValueError("no graph to draw")
+    n_layers = max(int(g["nodes"]["layer"].max()) for g in graphs)
+    fig, axes = panels(len(graphs), per_row=2, height=max(3.4, 1.0 * (n_layers + 2)), sharey=True)
+    feature_labels, language_features = feature_labels or {}, language_features or {}
+    langs_shown = set()
+    for ax, g in zip(axes, graphs):
+        nodes, e = _prune_graph(g["nodes"], g["edges"], max_nodes, max_edges)
+        tokens = g["tokens"]
+        inner = nodes[nodes["kind"].isin(["feature", "error", "token"])]
+        cols = sorted(set(inner["position"].astype(int)) | {len(tokens) - 1})
+        column = {p: i for i, p in enumerate(cols)}
+        xy = {}
+        for (layer, pos), cell in nodes.groupby(["layer", "position"]):
+            cell = cell.assign(_i=cell["influence"].fillna(0)).sort_values("_i", ascending=False)
+            per_row = min(len(cell), 3)
+            rows_in_cell = -(-len(cell) // per_row)
+            for j, node in enumerate(cell["node"]):
+                r, c = divmod(j, per_row)
+                x = column.get(int(pos), len(cols) - 1) + (c - (per_row - 1) / 2) * 0.26
+                y = layer + (r - (rows_in_cell - 1) / 2) * min(0.3, 0.7 / rows_in_cell)
+                xy[int(node)] = (x, y)
+        wmax = float(e["weight"].abs().max()) if len(e) else 1.0
+        for r in e.itertuples():
+            a, b = xy.get(int(r.source)), xy.get(int(r.target))
+            if a is None or b is None:
+                continue
+            ax.plot([a[0], b[0]], [a[1], b[1]], color=EDGE_COLOURS["positive" if r.weight > 0 else "negative"],
+                    lw=0.4 + 2.6 * abs(r.weight) / wmax, alpha=0.45, zorder=1)
+        infl = nodes["influence"].fillna(0)
+        top = max(float(infl.max()), 1e-12)
+        for node in nodes.itertuples():
+            x, y = xy[int(node.node)]
+            if node.kind == "feature":
+                key = (int(node.layer), int(node.feature))
+                colour = (SHARED_COLOUR if key in shared else
+                          language_colour(language_features[key]) if key in language_features else FEATURE_COLOUR)
+                if key not in shared and key in language_features:
+                    langs_shown.add(language_features[key])
+                ax.scatter(x, y, s=25 + 230 * (node.influence or 0) / top, color=colour, marker="o",
+                           edgecolors="k", linewidths=0.4, zorder=3)
+            elif node.kind == "error":
+                ax.scatter(x, y, s=25 + 230 * (node.influence or 0) / top, color="#bbbbbb", marker="s",
+                           edgecolors="k", linewidths=0.4, zorder=3)
+            elif node.kind == "token":
+                ax.scatter(x, y, s=45, color="#404040", marker="D", zorder=3)
+            else:
+                ax.scatter(x, y, s=140, color="#2a9d8f", marker="*", edgecolors="k", linewidths=0.4, zorder=3)
+        feats = nodes[nodes["kind"] == "feature"].assign(_i=lambda d: d["influence"].fillna(0))
+        for i, node in enumerate(feats.nlargest(labelled, "_i").itertuples()):
+            key = (int(node.layer), int(node.feature))
+            text = f"L{key[0]}/{key[1]}" + (f" {feature_labels[key]}" if key in feature_labels else "")
+            x, y = xy[int(node.node)]
+            ax.annotate(text, (x, y), xytext=(7, 7 if i % 2 == 0 else -11), textcoords="offset points",
+                        fontsize=6.5, zorder=4,
+                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+        names = [tokens[p] if len(tokens[p]) <= 9 else tokens[p][:8] + "…" for p in cols]
+        ax.set_xticks(range(len(cols)), [f"{n}\n@{p}" for n, p in zip(names, cols)], fontsize=7)
+        ax.set_yticks(range(-1, n_layers + 1), ["embed"] + [f"layer {l}" for l in range(n_layers)] + ["target"])
+        ax.tick_params(axis="y", labelleft=ax is axes[0])
+        ax.set_xlim(-0.6, len(cols) - 0.4)
+        ax.set_ylim(-1.6, n_layers + 0.6)
+        ax.grid(False)
+        if g.get("title"):
+            ax.set_title(g["title"], loc="left", fontsize=9)
+    handles = [Line2D([], [], marker="o", ls="", color=SHARED_COLOUR, mec="k", label="feature shared with the other languages"),
+               Line2D([], [], marker="o", ls="", color=FEATURE_COLOUR, mec="k", label="other feature"),
+               Line2D([], [], marker="s", ls="", color="#bbbbbb", mec="k", label="error node"),
+               Line2D([], [], marker="D", ls="", color="#404040", label="input token"),
+               Line2D([], [], marker="*", ls="", color="#2a9d8f", mec="k", ms=10, label="target"),
+               Line2D([], [], color=EDGE_COLOURS["positive"], lw=2, label="edge raises its target"),
+               Line2D([], [], color=EDGE_COLOURS["negative"], lw=2, label="edge lowers its target")]
+    handles[2:2] = [Line2D([], [], marker="o", ls="", color=language_colour(l), mec="k",
+                           label=f"{language_label(l)} language feature") for l in sorted(langs_shown)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=7, frameon=False)
     return fig
 
 
@@ -463,7 +511,8 @@ def similarity_figure(sim: np.ndarray, languages: Sequence[str], title: str = ""
 def region_score_figure(scores: pd.DataFrame, x: str = "step"):
     """LRDS (left) and SADS (right) against ``x`` ("step": training step, log scale, all
     layers together; "layer": per layer at the last step), one line per model (column
-    ``model``) and unit kind (column ``unit``: MLP neurons solid, CLT features dashed)."""
+    ``model``) and unit kind (column ``unit``: MLP neurons solid, CLT features dashed); a
+    shaded band where the table has the score's interval (``lrds_low``, ``lrds_high``, ...)."""
     fig, axes = panels(2, height=2.9)
     colours = {}
     for ax, score, name in ((axes[0], "lrds", "language region score (LRDS)"),
@@ -474,6 +523,8 @@ def region_score_figure(scores: pd.DataFrame, x: str = "step"):
             label = f"{model}, {'MLP neurons' if unit == 'mlp' else 'CLT features'}"
             ax.plot(part[x], part[score], color=c, ls="-" if unit == "mlp" else "--",
                     marker="o" if x == "layer" or len(part) < 12 else None, label=label)
+            if f"{score}_low" in part:
+                ax.fill_between(part[x], part[f"{score}_low"], part[f"{score}_high"], color=c, alpha=0.15, lw=0)
         ax.set_ylabel(name)
         ax.axhline(0, color="grey", lw=0.6)
         if x == "step":
@@ -555,3 +606,37 @@ def forest_figure(rows: pd.DataFrame):
 def _short(text: str, width: int = 48) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
+
+
+def retrieval_figure(table: pd.DataFrame, k: int = 1, x: str = "step", line: str = "layer"):
+    """Translation retrieval at ``k`` (``features.retrieval``): one panel per model (column
+    ``model``), one line per value of ``line`` against ``x`` ("step": training step, log
+    scale; or "layer"), a band for the 95 % interval over verses and a dashed line at chance
+    (k / N)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    part = table[table["k"] == k]
+    models = list(dict.fromkeys(part["model"]))
+    fig, axes = panels(len(models), height=2.7, sharey=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, model in zip(axes, models):
+        rows = part[part["model"] == model]
+        values = list(dict.fromkeys(rows[line]))
+        for i, value in enumerate(values):
+            r = rows[rows[line] == value].sort_values(x)
+            c = cmap(i / max(1, len(values) - 1)) if line == "layer" else f"C{i}"
+            ax.plot(r[x], r["share"], color=c, marker="o", ms=3, label=f"layer {value}" if line == "layer" else value)
+            ax.fill_between(r[x], r["low"], r["high"], color=c, alpha=0.15, lw=0)
+        ax.axhline(float(rows["chance"].iloc[0]), color="grey", ls="--", lw=0.8, label="chance")
+        ax.set_title(model, fontsize=10)
+        if x == "step":
+            ax.set_xscale("log")
+            ax.set_xlabel("training step")
+        else:
+            ax.set_xlabel(x)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    axes[0].set_ylabel(f"translation found (top {k})")
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return fig

@@ -94,12 +94,16 @@ def _width(df: pd.DataFrame, cells: Mapping[str, list[str]]) -> float:
 class Table:
     """HTML for the book (``_repr_html_``) and the DataFrame for code (``.data``)."""
 
-    def __init__(self, parts: list[str], data: pd.DataFrame, note: str = ""):
-        self.parts, self.data, self.note = parts, data, note
+    def __init__(self, parts: list[str], data: pd.DataFrame, note: str = "", folded: str = ""):
+        self.parts, self.data, self.note, self.folded = parts, data, note, folded
 
     def _repr_html_(self) -> str:
         note = f'<p class="mlclt-note">{html.escape(self.note)}</p>' if self.note else ""
-        return "".join(self.parts) + note
+        body = "".join(self.parts) + note
+        if self.folded:            # long detail: folded under a line that says what it holds
+            return (f'<details class="mlclt-fold"><summary>{html.escape(self.folded)}</summary>'
+                    f"{body}</details>")
+        return body
 
     def __repr__(self) -> str:
         return self.data.to_string() + (f"\n{self.note}" if self.note else "")
@@ -127,13 +131,18 @@ def _colours(values: pd.Series, cmap: str, scale: pd.DataFrame | None = None) ->
     return out
 
 
+FOLD_ROWS = 20             # longer tables are folded (``table(fold=...)``)
+
+
 def table(df: pd.DataFrame, digits: int | Mapping[str, int] = 3, headers: Mapping | None = None,
           percent: Sequence[str] = (), colour: Mapping[str, str] | None = None,
           html_columns: Sequence[str] = (), keep_constant: bool = False, caption: str | None = None,
-          max_width: float = COLUMN_PX) -> Table:
+          max_width: float = COLUMN_PX, fold: int | None = FOLD_ROWS) -> Table:
     """The book's rendering of ``df`` (see the module docstring). ``colour``: column (or a
     tuple of columns that share one scale) -> matplotlib colour map name; ``html_columns``:
-    columns whose cells are HTML already."""
+    columns whose cells are HTML already. A table of more than ``fold`` rows is folded under
+    a "show the table" line (None: never), so that long detail does not stand where a
+    figure summarises it."""
     data = df.copy()
     if isinstance(data.columns, pd.MultiIndex):
         data.columns = [readable(c) for c in data.columns]
@@ -167,7 +176,7 @@ def table(df: pd.DataFrame, digits: int | Mapping[str, int] = 3, headers: Mappin
         flipped = pd.DataFrame({(data[label].iloc[i] if label is not None else f"{i + 1}"):
                                 [data[c].iloc[i] for c in cols] for i in range(len(data))},
                                index=[names[c] for c in cols])
-        return table(flipped, digits, None, (), None, (), True, caption, max_width)
+        return table(flipped, digits, None, (), None, (), True, caption, max_width, fold)
     groups = [list(data.columns)]
     if _width(data, cells) > max_width:
         groups, current = [], list(keys)
@@ -179,11 +188,14 @@ def table(df: pd.DataFrame, digits: int | Mapping[str, int] = 3, headers: Mappin
             else:
                 current = trial
         groups.append(current)
-    parts = []
+    parts, first_caption = [], caption
     for group in groups:
         parts.append(_html(data, group, names, cells, keys, colour or {}, html_columns, caption))
         caption = None
-    return Table(parts, df, note)
+    folded = ""
+    if fold is not None and len(data) > fold:
+        folded = f"Show the table ({len(data)} rows" + (f": {first_caption}" if first_caption else "") + ")"
+    return Table(parts, df, note, folded)
 
 
 def _cell(v, column, digits, percent) -> str:
