@@ -100,6 +100,7 @@ _BASE: dict[str, Any] = {
     "features": {
         "parallel": None,              # None: the corpus's parallel verses; a .jsonl file; "hf:NAME"
         "max_rows": 500,               # parallel rows used (the first ones)
+        "retrieval_rows": 100,         # parallel rows of chapter 02's retrieval over training
         "batch_size": 16,
         "dense_fraction": 0.5,         # a unit firing on more tokens than this in every language is dense
         "bootstrap": 1000,             # resamples of the confidence intervals
@@ -210,6 +211,7 @@ PRESETS: dict[str, dict] = {
                      "eval_every": 100, "eval_tokens_per_language": 16_384},
         "clt": {"features_per_layer": 1024, "train_tokens": 2_000_000, "batch_tokens": 1024,
                 "buffer_tokens": 131_072, "eval_tokens": 32_768},
+        "features": {"retrieval_rows": 300},
         "neurons": {"max_rows": 300, "ablation_tokens": 8192},
         "bilingual": {"sizes": {"s": {"n_layers": 4, "d_model": 96, "n_heads": 3, "d_mlp": 384},
                                 "m": {"n_layers": 4, "d_model": 192, "n_heads": 6, "d_mlp": 768}},
@@ -231,6 +233,7 @@ PRESETS: dict[str, dict] = {
                      "eval_every": 500, "eval_tokens_per_language": 65_536},
         "clt": {"features_per_layer": 8192, "train_tokens": 20_000_000, "batch_tokens": 4096,
                 "buffer_tokens": 1_048_576, "eval_tokens": 131_072, "lr": 2e-4 * 4},
+        "features": {"retrieval_rows": 500},
         "neurons": {"max_rows": 500, "ablation_tokens": 32_768},
         # not yet measured on a GPU: sizes and lengths by analogy with the main models
         "bilingual": {"sizes": {"s": {"n_layers": 6, "d_model": 256, "n_heads": 8, "d_mlp": 1024},
@@ -255,6 +258,7 @@ PRESETS: dict[str, dict] = {
                 "buffer_tokens": 4_194_304, "eval_tokens": 262_144, "lr": 2e-4,
                 # the paper's recipe: 16-token contexts, stop at mean L0 < 10, clip at 1
                 "context_length": 16, "stop_l0": 10.0, "grad_clip": 1.0},
+        "features": {"retrieval_rows": 1000},
         "neurons": {"max_rows": 1000, "ablation_tokens": 262_144},
         # the bilingual-SAE study's setting (16 x d_model latents, k 32); not yet measured
         "bilingual": {"sizes": {"s": {"n_layers": 12, "d_model": 768, "n_heads": 12, "d_mlp": 3072},

@@ -479,7 +479,7 @@ register(StageKind("models", "02", _model_config,
 
 def _retrieval_config(preset, key) -> dict:
     f = preset["features"]
-    return {"model_name": key, "parallel": f["parallel"], "max_rows": f["max_rows"],
+    return {"model_name": key, "parallel": f["parallel"], "max_rows": f["retrieval_rows"],
             "batch_size": f["batch_size"], "languages": trained_languages(preset, key),
             "bootstrap": f["bootstrap"], "seed": preset["seed"], "ks": [1, 5]}
 
