@@ -109,8 +109,8 @@ def tidy_executed(path: Path) -> None:
     parameter cells are removed from the page (the chapter's header shows the run's
     parameters once), the code of every other cell is folded under a "show code" button
     (``hide-input``) unless the chapter already tags it, and progress-bar lines are taken
-    out of the stderr stream outputs (the book's own bars write to the runner's log,
-    ``viz.progress``; this catches other libraries' bars), so the page reads as text,
+    out of the stderr stream outputs (the book's own bars, ``viz.progress``, and other
+    libraries'; papermill has logged them while the chapter ran), so the page reads as text,
     figures and tables."""
     import nbformat
 

@@ -68,19 +68,3 @@ def test_executed_chapters_lose_progress_bars_and_keep_warnings(tmp_path):
     assert outputs[0].text == warning                                  # the warning stays, its bars do not
     assert "printed on purpose" in outputs[1].text                     # stdout is the chapter's own text
 
-
-def test_book_progress_bars_write_to_the_process_stderr(monkeypatch, capsys):
-    """Under the runner (plain progress) the book's bars go to the kernel process's stderr,
-    which the runner's log shows, not to the cell's captured stderr."""
-    import io
-    import sys
-
-    from mlclt_utils.viz.progress import PLAIN_ENV, progress_bar
-
-    monkeypatch.setenv(PLAIN_ENV, "1")
-    process = io.StringIO()
-    monkeypatch.setattr(sys, "__stderr__", process)
-    for _ in progress_bar(iterable=range(3), desc="work"):
-        pass
-    assert "work: 100%" in process.getvalue() and "3/3" in process.getvalue()
-    assert "work" not in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """Progress bars of long work: widgets in an interactive notebook; in the chapters the runner
-executes (it sets ``MLCLT_PLAIN_PROGRESS``) one plain line per bar, written to the kernel
-process's own stderr, so that it shows in the runner's log and never in the executed page
-(the book holds no widget that needs scripts from the network and no progress text;
-``runner.tidy_executed`` removes what other libraries' bars leave there)."""
+executes (it sets ``MLCLT_PLAIN_PROGRESS``) one plain line per bar when it closes, which
+papermill logs as the chapter runs; ``runner.tidy_executed`` then takes every progress line
+(the book's and other libraries') out of the executed page, so the built book holds neither
+a widget that needs scripts from the network nor progress text."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _summary_bar():
             self._summarised = True
             line = self.format_meter(**self.format_dict)
             super().close()
-            print(line, file=sys.__stderr__ or sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     return SummaryBar
 
