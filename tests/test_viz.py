@@ -142,7 +142,9 @@ def test_graph_figure_caps_nodes_labels_the_top_features_and_explains_its_colour
                    and c.get_paths() and len(c.get_paths()[0].vertices) > 20]      # circle markers
         assert 0 < len(circles) <= 8                                                # the node cap
         texts = [t.get_text() for t in ax.texts]
-        assert len(texts) == 4 and texts[0] == "L0/100 ↑ word0"                    # top features, labelled
+        assert texts[:4] == ["1", "2", "3", "4"]                                    # top features, numbered
+        key = texts[4].splitlines()                                                 # ... and listed
+        assert len(key) == 4 and key[0] == "1  L0/100  ↑ word0"
         assert 0 < len(ax.lines) <= 20                                              # the edge cap
         colours = {tuple(np.round(c.get_facecolor()[0][:3], 3)) for c in ax.collections if len(c.get_facecolor())}
         assert tuple(np.round(to_rgb(SHARED_COLOUR), 3)) in colours

@@ -250,20 +250,26 @@ def concept_map_figure(maps: Mapping[int, pd.DataFrame], order: Sequence[str], j
 # ---- chapter 06 -------------------------------------------------------------------------
 
 EDGE_COLOURS = {"positive": "#2166ac", "negative": "#b2182b"}
+CELL_ROWS = 3              # nodes of one (layer, position) stacked at most this high
 SHARED_COLOUR, FEATURE_COLOUR = "#7b3294", "#f4a261"
 
 
-def _prune_graph(nodes: pd.DataFrame, edges: pd.DataFrame, max_nodes: int, max_edges: int):
-    """The ``max_nodes`` most influential feature and error nodes, the target(s), and the
-    token nodes they are linked to; the ``max_edges`` strongest edges among them."""
+def _prune_graph(nodes: pd.DataFrame, edges: pd.DataFrame, max_nodes: int, max_edges: int,
+                 max_tokens: int = 6):
+    """The ``max_nodes`` most influential feature and error nodes, the target(s), the
+    ``max_edges`` strongest edges among them and from the input tokens, and the (at most
+    ``max_tokens``) tokens those edges read most."""
     inner = nodes[nodes["kind"].isin(["feature", "error"])]
     inner = inner.assign(_i=inner["influence"].fillna(0)).nlargest(max_nodes, "_i").drop(columns="_i")
     keep = set(inner["node"]) | set(nodes.loc[nodes["kind"] == "logit", "node"])
-    e = edges[edges["source"].isin(keep | set(nodes.loc[nodes["kind"] == "token", "node"]))
-              & edges["target"].isin(keep)]
+    tokens = set(nodes.loc[nodes["kind"] == "token", "node"])
+    e = edges[edges["source"].isin(keep | tokens) & edges["target"].isin(keep)]
     e = e.reindex(e["weight"].abs().sort_values(ascending=False).index).head(max_edges)
-    keep |= set(e["source"])
-    return nodes[nodes["node"].isin(keep)], e
+    # the input tokens whose edges weigh most, at most max_tokens of them
+    reads = e[e["source"].isin(tokens)].groupby("source")["weight"].apply(lambda w: w.abs().sum())
+    read = set(reads.nlargest(max_tokens).index)
+    e = e[~e["source"].isin(tokens) | e["source"].isin(read)]
+    return nodes[nodes["node"].isin(keep | read)], e
 
 
 def graph_figure(graphs: Sequence[Mapping], feature_labels: Mapping[tuple[int, int], str] | None = None,
@@ -281,15 +287,16 @@ def graph_figure(graphs: Sequence[Mapping], feature_labels: Mapping[tuple[int, i
     other languages of the concept), in their language's colour when ``language_features``
     names one (chapter 05), orange otherwise; error nodes are grey squares. Edge colour is
     its sign (blue raises its target, red lowers it), width its weight. The ``labelled``
-    most influential features carry ``feature_labels[(layer, feature)]`` (e.g. the tokens
-    they promote) after their ``L<layer>/<id>``."""
+    most influential features are numbered on the graph and listed under it as
+    ``L<layer>/<id>`` and ``feature_labels[(layer, feature)]`` (e.g. the tokens they
+    promote), so no label covers another."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
     if not graphs:
         raise ValueError("no graph to draw")
     n_layers = max(int(g["nodes"]["layer"].max()) for g in graphs)
-    fig, axes = panels(len(graphs), per_row=2, height=max(3.4, 1.0 * (n_layers + 2)), sharey=True)
+    fig, axes = panels(len(graphs), per_row=2, height=max(3.4, 1.0 * (n_layers + 2)) + 0.13 * labelled, sharey=True)
     feature_labels, language_features = feature_labels or {}, language_features or {}
     langs_shown = set()
     for ax, g in zip(axes, graphs):
@@ -297,16 +304,20 @@ def graph_figure(graphs: Sequence[Mapping], feature_labels: Mapping[tuple[int, i
         tokens = g["tokens"]
         inner = nodes[nodes["kind"].isin(["feature", "error", "token"])]
         cols = sorted(set(inner["position"].astype(int)) | {len(tokens) - 1})
-        column = {p: i for i, p in enumerate(cols)}
+        # a column is as wide as its fullest cell needs: up to CELL_ROWS nodes above each
+        # other, then side by side, so the position most nodes sit at gets the room
+        fullest = nodes.groupby("position").apply(lambda d: d.groupby("layer").size().max())
+        widths = [max(0.8, 0.42 * -(-int(fullest.get(p, 1)) // CELL_ROWS) + 0.4) for p in cols]
+        centre = dict(zip(cols, np.cumsum(widths) - np.asarray(widths) / 2))
         xy = {}
         for (layer, pos), cell in nodes.groupby(["layer", "position"]):
             cell = cell.assign(_i=cell["influence"].fillna(0)).sort_values("_i", ascending=False)
-            per_row = min(len(cell), 3)
-            rows_in_cell = -(-len(cell) // per_row)
+            n_rows = min(len(cell), CELL_ROWS)
+            n_cols = -(-len(cell) // n_rows)
             for j, node in enumerate(cell["node"]):
-                r, c = divmod(j, per_row)
-                x = column.get(int(pos), len(cols) - 1) + (c - (per_row - 1) / 2) * 0.26
-                y = layer + (r - (rows_in_cell - 1) / 2) * min(0.3, 0.7 / rows_in_cell)
+                c, r = divmod(j, n_rows)
+                x = centre.get(int(pos), centre[cols[-1]]) + (c - (n_cols - 1) / 2) * 0.42
+                y = layer + (r - (n_rows - 1) / 2) * (0.6 / max(n_rows - 1, 1) if n_rows > 1 else 0)
                 xy[int(node)] = (x, y)
         wmax = float(e["weight"].abs().max()) if len(e) else 1.0
         for r in e.itertuples():
@@ -325,28 +336,32 @@ def graph_figure(graphs: Sequence[Mapping], feature_labels: Mapping[tuple[int, i
                           language_colour(language_features[key]) if key in language_features else FEATURE_COLOUR)
                 if key not in shared and key in language_features:
                     langs_shown.add(language_features[key])
-                ax.scatter(x, y, s=25 + 230 * (node.influence or 0) / top, color=colour, marker="o",
+                ax.scatter(x, y, s=15 + 130 * (node.influence or 0) / top, color=colour, marker="o",
                            edgecolors="k", linewidths=0.4, zorder=3)
             elif node.kind == "error":
-                ax.scatter(x, y, s=25 + 230 * (node.influence or 0) / top, color="#bbbbbb", marker="s",
+                ax.scatter(x, y, s=15 + 130 * (node.influence or 0) / top, color="#bbbbbb", marker="s",
                            edgecolors="k", linewidths=0.4, zorder=3)
             elif node.kind == "token":
                 ax.scatter(x, y, s=45, color="#404040", marker="D", zorder=3)
             else:
                 ax.scatter(x, y, s=140, color="#2a9d8f", marker="*", edgecolors="k", linewidths=0.4, zorder=3)
+        # the most influential features get a number on the graph and a line in the key below
         feats = nodes[nodes["kind"] == "feature"].assign(_i=lambda d: d["influence"].fillna(0))
-        for i, node in enumerate(feats.nlargest(labelled, "_i").itertuples()):
+        key_lines = []
+        for i, node in enumerate(feats.nlargest(labelled, "_i").itertuples(), start=1):
             key = (int(node.layer), int(node.feature))
-            text = f"L{key[0]}/{key[1]}" + (f" {feature_labels[key]}" if key in feature_labels else "")
             x, y = xy[int(node.node)]
-            ax.annotate(text, (x, y), xytext=(7, 7 if i % 2 == 0 else -11), textcoords="offset points",
-                        fontsize=6.5, zorder=4,
-                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+            ax.annotate(str(i), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7,
+                        fontweight="bold", zorder=4)
+            key_lines.append(f"{i}  L{key[0]}/{key[1]}" + (f"  {feature_labels[key]}" if key in feature_labels else ""))
+        if key_lines:
+            ax.text(0.0, -0.2, "\n".join(key_lines), transform=ax.transAxes, va="top", ha="left", fontsize=7,
+                    linespacing=1.3)
         names = [tokens[p] if len(tokens[p]) <= 9 else tokens[p][:8] + "…" for p in cols]
-        ax.set_xticks(range(len(cols)), [f"{n}\n@{p}" for n, p in zip(names, cols)], fontsize=7)
+        ax.set_xticks([centre[p] for p in cols], [f"{n}\n@{p}" for n, p in zip(names, cols)], fontsize=7)
         ax.set_yticks(range(-1, n_layers + 1), ["embed"] + [f"layer {l}" for l in range(n_layers)] + ["target"])
         ax.tick_params(axis="y", labelleft=ax is axes[0])
-        ax.set_xlim(-0.6, len(cols) - 0.4)
+        ax.set_xlim(0, float(np.sum(widths)))
         ax.set_ylim(-1.6, n_layers + 0.6)
         ax.grid(False)
         if g.get("title"):

@@ -49,8 +49,26 @@ def language_order(languages: Iterable[str], book_order: Sequence[str]) -> list[
     return ranked + [c for c in languages if c not in ranked]
 
 
+# fonts that draw Chinese, Japanese and Arabic tokens in figures, used after DejaVu Sans when
+# the machine has them (Debian: fonts-noto-cjk, fonts-noto-core); see book/how_to_run.md
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans Arabic", "Noto Naskh Arabic")
+
+
+def _font_families() -> list[str]:
+    from matplotlib import font_manager
+
+    have = {f.name for f in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans"] + [f for f in FALLBACK_FONTS if f in have]
+
+
 def use_book_style() -> None:
-    """Matplotlib settings of the book (called by ``start_chapter``)."""
+    """Matplotlib settings of the book (called by ``start_chapter``). A figure that prints a
+    token no installed font can draw shows a box there; the warning that says so is kept
+    out of the pages (the how-to page names the fonts to install)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+    mpl.rcParams.update({"font.family": _font_families()})
     mpl.rcParams.update({
         "figure.dpi": DPI, "savefig.dpi": DPI, "figure.figsize": (TEXT_WIDTH, PANEL_HEIGHT),
         "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
