@@ -68,3 +68,16 @@ def test_by_layer_reads_each_layers_means_and_pairs_are_tabled():
         retrieval_by_layer(stats, languages=["en", "ja"])
     table = pair_table(translation_ranks(planted))
     assert table.shape == (3, 3) and np.isnan(table.loc["en", "en"]) and (table.fillna(1) > 0.9).all().all()
+
+
+def test_over_training_sentence_follows_the_curve():
+    from mlclt_utils.features.retrieval import over_training_sentence
+
+    def curve(shares):
+        return pd.DataFrame([{"step": s, "layer": l, "k": 1, "share": v, "low": v / 2, "high": v * 1.5, "chance": 0.01}
+                             for s, v in zip((1, 10, 100), shares) for l in (0, 1, 2)])
+
+    rising = over_training_sentence("m", curve([0.01, 0.02, 0.05]))
+    assert "layer (1)" in rising and "5.0% of verses" in rising and "5.0× chance" in rising and "still rising" in rising
+    peaked = over_training_sentence("m", curve([0.01, 0.06, 0.05]))
+    assert "peaked at step 10 (6.0%)" in peaked and "rising" not in peaked

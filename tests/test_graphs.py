@@ -142,3 +142,19 @@ def test_shared_profile_row_on_planted_concepts():
     assert row["verdict"] == "holds" and row["n_units"] == 8 and not row["counted"]
     assert row["estimate"] == pytest.approx((0.535 + 0.45) / 2 - 0.1)
     assert shared_profile_row(pd.DataFrame(rows), 2, "m") is None
+
+
+def test_language_share_sentence_says_more_or_less_only_when_the_interval_does():
+    import pandas as pd
+
+    from mlclt_utils.graphs.attribution import language_share_sentence
+
+    def share(vector, logit):
+        return pd.DataFrame({"language-vector graph": vector, "answer-logit graph": logit})
+
+    assert "matter more" in language_share_sentence(share([0.30, 0.32, 0.35, 0.31], [0.10, 0.12, 0.11, 0.09]))
+    assert "matter less" in language_share_sentence(share([0.10, 0.12, 0.11, 0.09], [0.30, 0.32, 0.35, 0.31]))
+    # a higher mean that the interval cannot separate from zero is not called "more"
+    mixed = language_share_sentence(share([0.30, 0.05, 0.40, 0.02], [0.10, 0.20, 0.15, 0.12]))
+    assert "does not tell the two apart" in mixed and "more" not in mixed.split(":")[-1]
+    assert "too few" in language_share_sentence(share([0.3], [0.1]))

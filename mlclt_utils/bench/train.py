@@ -87,9 +87,10 @@ def train_flops_per_token(cfg) -> float:
 
 def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup: int = 3,
                        threads: int | None = None, device: str = "cpu",
-                       batch_size: int | None = None) -> dict:
+                       batch_size: int | None = None, compile: bool = False) -> dict:
     """Time ``steps`` training steps (after ``warmup``) of one preset size on random tokens;
-    speeds use the median step time."""
+    speeds use the median step time. ``compile``: the blocks through ``torch.compile``
+    (``training.compile``); its compilation happens in the warm-up steps."""
     preset = load_preset(preset_name)
     sizes = preset["models"]["sizes"]
     if size_name not in sizes:
@@ -105,7 +106,7 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
         training_lib.freeze_key_biases(model)
         optimizer = training_lib.make_optimizer(model, training["lr"], training["weight_decay"])
         params = [p for p in model.parameters() if p.requires_grad]
-        net = training_lib.TrainingLoss(model)
+        net = training_lib.TrainingLoss(model, compile=compile)
         g = torch.Generator().manual_seed(0)
         pool = torch.randint(5, vocab, (8, batch, n_ctx), generator=g)
         pool[:, :, 0] = BOS_ID
@@ -127,7 +128,7 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
     return {"preset": preset_name, "size": size_name, "n_layers": cfg.n_layers,
             "d_model": cfg.d_model, "params_nonemb": cfg.n_params, "d_vocab": vocab,
             "n_ctx": n_ctx, "batch_size": batch, "steps": steps, "threads": threads_used,
-            "ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens / seconds,
+            "compile": compile, "ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens / seconds,
             "gflop_per_s": flops / seconds / 1e9, "final_loss": float(loss)}
 
 
@@ -140,14 +141,18 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, warmup: int = 3,
-                        threads: int | None = None, device: str = "cpu") -> list[dict]:
-    """Benchmark every size of each preset (or only ``sizes``), print a table, return the rows."""
+                        threads: int | None = None, device: str = "cpu",
+                        variants: tuple[bool, ...] = (False,)) -> list[dict]:
+    """Benchmark every size of each preset (or only ``sizes``), once per entry of
+    ``variants`` (False: eager, True: ``torch.compile``) side by side, print a table, return
+    the rows."""
     threads = threads or (available_cores() if device == "cpu" else None)
     peak = measure_matmul_peak(threads, device=device)
     rows = []
     for name in presets:
         for size in (sizes or load_preset(name)["models"]["sizes"]):
-            rows.append(benchmark_training(name, size, steps, warmup, threads, device))
+            for compiled in variants:
+                rows.append(benchmark_training(name, size, steps, warmup, threads, device, compile=compiled))
     # measured again after the runs, keeping the best: other work on a shared machine
     # can only lower a measurement
     peak = max(peak, measure_matmul_peak(threads, device=device))
@@ -159,7 +164,7 @@ def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, 
     print(_table(rows, [("preset", "preset", "s"), ("size", "size", "s"), ("n_layers", "layers", "d"),
                         ("d_model", "d_model", "d"), ("params_nonemb", "params(non-emb)", ","),
                         ("d_vocab", "vocab", "d"), ("n_ctx", "n_ctx", "d"),
-                        ("batch_size", "batch", "d"), ("ms_per_step", "ms/step", ".1f"),
+                        ("batch_size", "batch", "d"), ("compile", "compiled", ""), ("ms_per_step", "ms/step", ".1f"),
                         ("tokens_per_s", "tokens/s", ",.0f"), ("gflop_per_s", "GFLOP/s", ".2f"),
                         ("peak_fraction", "of peak", ".1%")]))
     return rows
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--sizes", nargs="+", default=None, help="size names (default: all)")
         sub.add_argument("--steps", type=int, default=20)
         sub.add_argument("--warmup", type=int, default=3)
+        sub.add_argument("--compile", action="store_true",
+                         help="also time the blocks through torch.compile, beside eager")
     opts = sub.parse_args(rest)
     if args.command == "peak":
         threads = opts.threads or available_cores()
@@ -197,4 +204,4 @@ def main(argv: list[str] | None = None) -> None:
               f"(float32, {threads} threads)")
     else:
         run_train_benchmark(opts.presets, opts.sizes, opts.steps, opts.warmup, opts.threads,
-                            opts.device)
+                            opts.device, (False, True) if opts.compile else (False,))

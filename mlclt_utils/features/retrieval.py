@@ -96,3 +96,23 @@ def retrieval_by_layer(stats: Mapping[str, UnitStats], max_rows: int | None = No
         vectors = {l: stats[l].means[layer][:max_rows].double().numpy() for l in langs}
         out.append(retrieval_summary(translation_ranks(vectors), ks, n_boot, seed).assign(layer=layer))
     return pd.concat(out, ignore_index=True)[["layer", "k", "share", "low", "high", "chance", "verses"]]
+
+
+def over_training_sentence(model: str, table: pd.DataFrame, k: int = 1) -> str:
+    """Chapter 02's sentence for one model from its retrieval over training (columns
+    ``step, layer, k, share, low, high, chance``): the middle layer's rate at the last step
+    with its interval and chance, the first step's rate, and where it peaked; "still rising"
+    only when the last step is the highest and above the step before it."""
+    t = table[table["k"] == k]
+    layers = sorted(t["layer"].unique())
+    mid = layers[len(layers) // 2]
+    r = t[t["layer"] == mid].sort_values("step")
+    first, last, best = r.iloc[0], r.iloc[-1], r.loc[r["share"].idxmax()]
+    text = (f"{model}: the middle layer ({mid}) finds the translation of {last['share']:.1%} of verses at the last "
+            f"step (95 % interval {last['low']:.1%}-{last['high']:.1%}; chance {last['chance']:.2%}, "
+            f"{last['share'] / last['chance']:.1f}× chance) against {first['share']:.1%} at step {int(first['step'])}")
+    if best["step"] != last["step"]:
+        return text + f"; it peaked at step {int(best['step'])} ({best['share']:.1%})."
+    if len(r) > 1 and last["share"] > r.iloc[-2]["share"]:
+        return text + "; it is highest at the last step: still rising when training stopped."
+    return text + "."

@@ -247,7 +247,7 @@ def graph_findings(model_name: str, n_concepts: int, prompts, scores, nodes, sha
     prompts, graph scores, node tables, :func:`shared_by_concept` table and the language
     features' share of influence per language (``lang_share``, columns "language-vector
     graph" and "answer-logit graph")."""
-    from ..claims import paired_difference, sentence
+    from ..claims import sentence
 
     items, rows, verdicts = [], [], []
     answered = float(prompts["answered"].mean()) if len(prompts) else float("nan")
@@ -289,15 +289,7 @@ def graph_findings(model_name: str, n_concepts: int, prompts, scores, nodes, sha
         rows += [{"model": model_name, "metric": f"shared influence, layer {int(l)}", "value": float(v)}
                  for l, v in m.items()]
     lv, lg = lang_share["language-vector graph"].mean(), lang_share["answer-logit graph"].mean()
-    pair = lang_share[["language-vector graph", "answer-logit graph"]].dropna()
-    est, lo, hi = (paired_difference(pair.iloc[:, 0].to_numpy(), pair.iloc[:, 1].to_numpy(), n_boot, seed)
-                   if len(pair) >= 2 else (lv - lg, float("nan"), float("nan")))
-    read = ("they matter more for which language the answer takes than for the answer itself" if lo > 0 else
-            "they matter less there than in the answer-logit graphs" if hi < 0 else
-            "the interval does not tell the two apart")
-    items.append(f"Chapter 05's language features of the prompt's language carry {lv:.0%} of the language-vector "
-                 f"graphs' feature influence against {lg:.0%} of the answer-logit graphs' (mean over {len(pair)} "
-                 f"languages; difference {est:+.0%}, 95 % t interval [{lo:+.0%}, {hi:+.0%}]): {read}.")
+    items.append(language_share_sentence(lang_share, n_boot, seed))
     rows += [{"model": model_name, "metric": "language features' share, language-vector graphs", "value": float(lv)},
              {"model": model_name, "metric": "language features' share, answer-logit graphs", "value": float(lg)}]
     return items, rows, verdicts
@@ -329,3 +321,24 @@ def promoted_tokens(clt, model, tokenizer, keys, k: int = 2) -> dict[tuple[int, 
                     break
             out[(layer, f)] = "↑ " + ", ".join(words)
     return out
+
+
+def language_share_sentence(lang_share, n_boot: int = 1000, seed: int = 0) -> str:
+    """Chapter 06's sentence on where the prompt language's features matter: their share of
+    the language-vector graphs' influence against the answer-logit graphs', paired over
+    languages (t interval); "more" or "less" only when the interval says so."""
+    from ..claims import paired_difference
+
+    lv, lg = lang_share["language-vector graph"].mean(), lang_share["answer-logit graph"].mean()
+    pair = lang_share[["language-vector graph", "answer-logit graph"]].dropna()
+    if len(pair) < 2:
+        return (f"Chapter 05's language features of the prompt's language carry {lv:.0%} of the language-vector "
+                f"graphs' feature influence against {lg:.0%} of the answer-logit graphs' ({len(pair)} language: "
+                "too few for an interval).")
+    est, lo, hi = paired_difference(pair.iloc[:, 0].to_numpy(), pair.iloc[:, 1].to_numpy(), n_boot, seed)
+    read = ("they matter more for which language the answer takes than for the answer itself" if lo > 0 else
+            "they matter less there than in the answer-logit graphs" if hi < 0 else
+            "the interval does not tell the two apart")
+    return (f"Chapter 05's language features of the prompt's language carry {lv:.0%} of the language-vector "
+            f"graphs' feature influence against {lg:.0%} of the answer-logit graphs' (mean over {len(pair)} "
+            f"languages; difference {est:+.0%}, 95 % t interval [{lo:+.0%}, {hi:+.0%}]): {read}.")

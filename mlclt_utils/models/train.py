@@ -184,15 +184,18 @@ class TrainingLoss(torch.nn.Module):
     minimises; DDP wraps this module). Without autocast the unembedding and the loss are
     fused and chunked (same value and gradients as ``next_token_loss`` up to rounding)."""
 
-    def __init__(self, model, chunk: int = 256):
+    def __init__(self, model, chunk: int = 256, compile: bool = False):
         super().__init__()
         self.model, self.chunk = model, chunk
+        # torch.compile of the blocks (embedding to the last block): fuses LayerNorm, GELU and
+        # the attention's elementwise work; the chunked loss below stays eager
+        self.blocks = torch.compile(model, dynamic=False) if compile else model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
         if torch.is_autocast_enabled(tokens.device.type):
             return next_token_loss(m, tokens)
-        resid = m(tokens, stop_at_layer=m.cfg.n_layers)  # after the last block
+        resid = self.blocks(tokens, stop_at_layer=m.cfg.n_layers)  # after the last block
         x = m.ln_final(resid).flatten(0, 1)
         targets = F.pad(tokens[:, 1:], (0, 1), value=-100).flatten()
         return _UnembedCrossEntropy.apply(x, m.unembed.W_U, m.unembed.b_U, targets, self.chunk)
@@ -402,7 +405,7 @@ def train_model(stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
                                           "languages": languages, "seed": seed, "total_steps": total,
                                           "checkpoint_steps": sorted(ckpt_steps), **dict(info or {})})
 
-    net = TrainingLoss(model)
+    net = TrainingLoss(model, compile=bool(training.get("compile", False)))
     if dist.enabled:
         import inspect
 
