@@ -164,3 +164,13 @@ def test_long_tables_fold_and_short_ones_do_not():
     short = table(pd.DataFrame({"verse": range(5), "score": np.linspace(0, 1, 5)}))._repr_html_()
     assert "<details" not in short and "<table" in short
     assert "<details" not in table(pd.DataFrame({"v": range(30)}), fold=None)._repr_html_()
+
+
+def test_intervals_stay_on_one_line_and_long_text_wraps():
+    df = pd.DataFrame({"layer": [0, 1],
+                       "change [95% CI]": ["+0.012 [+0.003, +0.021]", "-0.100 [-0.200, +0.021]"],
+                       "verse": ["In the beginning God created the heaven and the earth.",
+                                 "And the earth was without form, and void; and darkness."]})
+    html = table(df)._repr_html_()
+    assert '<td class="num">+0.012 [+0.003, +0.021]</td>' in html          # nowrap, like a number
+    assert '<td class="text" dir="auto">In the beginning' in html          # wraps, whatever the dtype

@@ -22,6 +22,7 @@ own CSS per table; here the look lives in the book's CSS (``mlclt-table``).
 from __future__ import annotations
 
 import html
+import re
 import math
 from numbers import Integral, Real
 from typing import Mapping, Sequence
@@ -71,9 +72,22 @@ def format_number(v, digits: int = 3, percent: bool = False) -> str:
     return f"{v:,.{decimals}f}"
 
 
+# an estimate with its interval, "+0.012 [+0.003, +0.021]" or "0.5 (0.4-0.6)": kept on one line
+INTERVAL = re.compile(r"^[+\-−]?[\d.]+%?\s*[\[(][+\-−]?[\d.]+%?,?\s*(?:to|-|–)?\s*[+\-−]?[\d.]+%?[\])]$")
+
+
+def _strings(s: pd.Series) -> bool:
+    """A column of Python strings (object dtype, or pandas' string dtype)."""
+    return (s.dtype == object or pd.api.types.is_string_dtype(s)) and len(s) > 0 and \
+        s.map(lambda x: isinstance(x, str)).all()
+
+
+def _is_interval(s: pd.Series) -> bool:
+    return _strings(s) and s.map(lambda x: bool(INTERVAL.match(x))).all()
+
+
 def _is_text(s: pd.Series) -> bool:
-    return s.dtype == object and s.map(lambda x: isinstance(x, str)).all() and \
-        s.map(len).mean() > 24
+    return _strings(s) and s.map(len).mean() > 24 and not _is_interval(s)
 
 
 # Columns that identify a row: shown first in every part of a split table, never wrapped.
@@ -214,12 +228,13 @@ def _html(data, group, names, cells, keys, colour, html_columns, caption) -> str
             if c in group:
                 styles[c] = _colours(data[c], cmap, data[members] if len(members) > 1 else None)
     head = "".join(f"<th>{html.escape(str(names[c]))}</th>" for c in group)
+    intervals = {c for c in group if _is_interval(data[c])}
     for i in range(len(data)):
         tds = []
         for c in group:
             v = data[c].iloc[i]
             numeric = isinstance(v, (Real, np.bool_)) and not isinstance(v, str)
-            cls = "key" if c in keys else ("num" if numeric else ("text" if _is_text(data[c]) else ""))
+            cls = "key" if c in keys else ("num" if numeric or c in intervals else ("text" if _is_text(data[c]) else ""))
             style = f' style="{styles[c][i]}"' if c in styles and styles[c][i] else ""
             text = cells[c][i] if c in html_columns else html.escape(cells[c][i])
             attrs = f' class="{cls}"' if cls else ""
