@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from . import distributed
-from .artifacts import (IN_PROGRESS_FILE, RESUME_FILE, ManifestMismatch, Stage, atomic_path,
-                        config_hash, read_json, write_json)
+from .artifacts import (IN_PROGRESS_FILE, METRICS_FILE, RESUME_FILE, ManifestMismatch, Stage, atomic_path,
+                        config_hash, read_json, read_jsonl, write_json)
 from .presets import (BILINGUAL_SUFFIX, bilingual_preset, load_preset, mixture_name, mixture_share,
                       model_names, parse_override, reference_model, size_models)
 
@@ -515,6 +515,40 @@ register(StageKind("retrieval", "02", _retrieval_config,
                    lambda p, k: [("corpus", None), ("tokenizer", None), ("models", k)],
                    _build_retrieval, lambda st: _load_tables(st, ("retrieval",))["retrieval"],
                    keys=model_names))
+
+
+# a run's models, read from the artifact store (models.load reads one folder)
+
+def load_model(run: str, model_name: str, step: int | None = None, root=None, device: str = "cpu"):
+    """The trained model ``model_name`` of ``run`` (``step=None``) or its checkpoint at
+    ``step``, in eval mode, with the run's tokenizer attached. To check it against a preset
+    first, use ``stages.load("models", preset, run, model_name)``."""
+    return load_built("models", run, model_name, root, step=step, device=device)
+
+
+def list_checkpoints(run: str, model_name: str, root=None) -> list[int]:
+    """Steps with saved weights, ascending (the last is the final step)."""
+    from .models.load import checkpoint_steps
+
+    st = stage("models", run, model_name, root)
+    st.require()
+    return checkpoint_steps(st.path)
+
+
+def read_metrics(run: str, model_name: str, root=None):
+    """Training metrics as a DataFrame: step, tokens, train_loss, lr, val_loss_<lang>..."""
+    import pandas as pd
+
+    path = stage("models", run, model_name, root).file(METRICS_FILE)
+    if not path.exists():
+        raise ManifestMismatch(f"model {model_name!r} of run {run!r} has no metrics yet; "
+                               "train it first")
+    rows = []
+    for r in read_jsonl(path):
+        flat = {k: v for k, v in r.items() if k != "val_loss"}
+        flat.update({f"val_loss_{lang}": v for lang, v in r.get("val_loss", {}).items()})
+        rows.append(flat)
+    return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------------ CLTs -----

@@ -16,6 +16,7 @@ import torch
 from mlclt_utils import tokenizer as T
 from mlclt_utils.artifacts import Stage, load_tensors
 from mlclt_utils.models import config as mconfig
+from mlclt_utils import stages
 from mlclt_utils.models import load as mload
 from mlclt_utils.models import train as mtrain
 from mlclt_utils.presets import load_preset
@@ -143,7 +144,7 @@ def test_training_writes_files_and_metrics(tmp_path):
     files = {p.relative_to(stage.path).as_posix() for p in stage.path.rglob("*") if p.is_file()}
     ckpts = [f"checkpoints/step_{s:07d}.safetensors" for s in mtrain.log_spaced_steps(12, 4)]
     assert files == {"config.json", "metrics.jsonl", "model.safetensors", *ckpts}
-    df = mload.read_metrics("r", "s-en50", root=tmp_path)
+    df = stages.read_metrics("r", "s-en50", root=tmp_path)
     assert {"step", "tokens", "train_loss", "lr", "val_loss_en", "val_loss_fr"} <= set(df.columns)
     assert df["step"].iloc[0] == 0 and df["step"].iloc[-1] == 12
     assert df["val_loss_en"].notna().all() and df["val_loss_en"].iloc[-1] < df["val_loss_en"].iloc[0]
@@ -167,8 +168,8 @@ def test_resume_gives_same_weights(tmp_path):
     assert not part.file("resume.pt").exists()
     a, b = _weights(full.file("model.safetensors")), _weights(part.file("model.safetensors"))
     assert _max_diff(a, b) <= 1e-6
-    ma = mload.read_metrics("r", "full", root=tmp_path)
-    mb = mload.read_metrics("r", "part", root=tmp_path)
+    ma = stages.read_metrics("r", "full", root=tmp_path)
+    mb = stages.read_metrics("r", "part", root=tmp_path)
     assert list(ma["step"]) == list(mb["step"])
     assert (ma["val_loss_en"] - mb["val_loss_en"]).abs().max() <= 1e-6
 
@@ -235,7 +236,7 @@ def test_model_stage_loads_checkpoints_and_generates(micro_chain, micro):
     from conftest import RUN
     from mlclt_utils.stages import load
 
-    steps = mload.list_checkpoints(RUN, "s-en50", root=micro_chain)
+    steps = stages.list_checkpoints(RUN, "s-en50", root=micro_chain)
     assert steps[-1] == micro["training"]["tokens"] // (16 * 32)
     final = load("models", micro, RUN, "s-en50", micro_chain)
     early = load("models", micro, RUN, "s-en50", micro_chain, step=steps[0])
@@ -243,7 +244,7 @@ def test_model_stage_loads_checkpoints_and_generates(micro_chain, micro):
     assert mtrain.eval_loss_per_language(final, evals)["en"] < \
         mtrain.eval_loss_per_language(early, evals)["en"]
     with pytest.raises(ValueError, match="available"):
-        mload.load_model(RUN, "s-en50", step=999, root=micro_chain)
+        stages.load_model(RUN, "s-en50", step=999, root=micro_chain)
     tokenizer = load("tokenizer", micro, RUN, None, micro_chain)
     prompts = {"en": "In the beginning", "fr": "Au commencement"}
     out = mload.greedy_continuations(final, tokenizer, prompts, 5)

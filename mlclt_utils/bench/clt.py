@@ -241,7 +241,7 @@ def _run_worker(case, phase, state, args) -> dict:
 
 def run(cases=("tiny", "small", "reference"), steps: int = 20, threads: int = 2,
         warm_steps: int = 600) -> list[dict]:
-    from .train import _table, measure_matmul_peak
+    from . import _table, measure_matmul_peak
 
     args = argparse.Namespace(steps=steps, threads=threads, warm_steps=warm_steps)
     peak = measure_matmul_peak(threads)

@@ -1,10 +1,5 @@
-"""Speed benchmarks, measured against this machine's own matmul peak.
-
-    python -m mlclt_utils.bench peak                 # matmul GFLOP/s of this machine
-    python -m mlclt_utils.bench train [--steps 20]   # model training speed, tiny and small presets
-    python -m mlclt_utils.bench clt ...              # CLT training speed (mlclt_utils.bench.clt)
-    python -m mlclt_utils.bench attribution ...      # seconds and memory per attribution graph
-    python -m mlclt_utils.bench sae ...              # SAE training tokens/s, book path vs SAELens per SAE
+"""Model training speed, measured against this machine's own matmul peak
+(``python -m mlclt_utils.bench train``).
 
 The training benchmark runs the same step function as ``models.train_model`` on random
 tokens, at the model sizes of the presets, and reports tokens/s, achieved GFLOP/s and
@@ -13,61 +8,16 @@ the fraction of the matmul peak measured in the same run.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import os
 import time
-from typing import Iterator
 
 import torch
+
+from . import _sync, _table, _threads, available_cores, measure_matmul_peak
 
 from ..models import train as training_lib
 from ..models.config import build_model, model_config
 from ..tokenizer import BOS_ID
 from ..presets import load_preset
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def measure_matmul_peak(threads: int | None = None, dtype: torch.dtype = torch.float32,
-                        sizes=(1024, 1536, 2048), repeats: int = 3, device: str = "cpu") -> float:
-    """Best GFLOP/s of large square matmuls (2·n³ FLOPs each) after a warm-up."""
-    dev = torch.device(device)
-    best = 0.0
-    with _threads(threads):
-        for n in sizes:
-            a = torch.randn(n, n, dtype=dtype, device=dev)
-            b = torch.randn(n, n, dtype=dtype, device=dev)
-            out = torch.empty(n, n, dtype=dtype, device=dev)
-            torch.mm(a, b, out=out)  # warm-up
-            _sync(dev)
-            for _ in range(repeats):
-                t = time.perf_counter()
-                torch.mm(a, b, out=out)
-                _sync(dev)
-                best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def train_flops_per_token(cfg) -> float:
@@ -132,14 +82,6 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
             "gflop_per_s": flops / seconds / 1e9, "final_loss": float(loss)}
 
 
-def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    head = [title for _, title, _ in columns]
-    body = [[format(r[key], fmt) for key, _, fmt in columns] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
-
-
 def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, warmup: int = 3,
                         threads: int | None = None, device: str = "cpu",
                         variants: tuple[bool, ...] = (False,)) -> list[dict]:
@@ -168,40 +110,3 @@ def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, 
                         ("tokens_per_s", "tokens/s", ",.0f"), ("gflop_per_s", "GFLOP/s", ".2f"),
                         ("peak_fraction", "of peak", ".1%")]))
     return rows
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mlclt_utils.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "peak", "clt", "attribution", "sae"])
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "sae":
-        from .sae import main as sae_main
-
-        return sae_main(rest)
-    if args.command == "attribution":
-        from .attribution import main as attribution_main
-
-        return attribution_main(rest)
-    if args.command == "clt":
-        from .clt import main as clt_main
-
-        return clt_main(rest)
-    sub = argparse.ArgumentParser(prog=f"python -m mlclt_utils.bench {args.command}")
-    sub.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    sub.add_argument("--device", default="cpu")
-    if args.command == "train":
-        sub.add_argument("--presets", nargs="+", default=["tiny", "small"])
-        sub.add_argument("--sizes", nargs="+", default=None, help="size names (default: all)")
-        sub.add_argument("--steps", type=int, default=20)
-        sub.add_argument("--warmup", type=int, default=3)
-        sub.add_argument("--compile", action="store_true",
-                         help="also time the blocks through torch.compile, beside eager")
-    opts = sub.parse_args(rest)
-    if args.command == "peak":
-        threads = opts.threads or available_cores()
-        print(f"matmul peak: {measure_matmul_peak(threads, device=opts.device):.1f} GFLOP/s "
-              f"(float32, {threads} threads)")
-    else:
-        run_train_benchmark(opts.presets, opts.sizes, opts.steps, opts.warmup, opts.threads,
-                            opts.device, (False, True) if opts.compile else (False,))

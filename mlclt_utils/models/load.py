@@ -1,5 +1,6 @@
-"""Loading trained models and their checkpoints and metrics from the artifact store, and
-greedy generation."""
+"""Loading a trained model's weights from its folder, reading its metrics, and greedy
+generation. Finding a run's models in the artifact store is the stage registry's work
+(``stages.load_model``, ``stages.read_metrics``): this module never reaches up into it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from ..artifacts import METRICS_FILE, ManifestMismatch, load_tensors, read_json, read_jsonl
+from ..artifacts import METRICS_FILE, ManifestMismatch, load_tensors, read_json, read_jsonl  # noqa: F401
 from ..tokenizer import BOS_ID, EOS_ID
 from .config import build_model, config_from_dict
 from .train import checkpoint_name
@@ -41,45 +42,9 @@ def load_model_from(folder, tokenizer_folder=None, step: int | None = None, devi
     return model
 
 
-def load_model(run: str, model_name: str, step: int | None = None, root=None, device: str = "cpu"):
-    """The trained model ``model_name`` of ``run`` (``step=None``) or its checkpoint at
-    ``step``, in eval mode, with the run's tokenizer attached. To check it against a preset
-    first, use ``stages.load("models", preset, run, model_name)``."""
-    from ..stages import load_built
-
-    return load_built("models", run, model_name, root, step=step, device=device)
-
-
-def list_checkpoints(run: str, model_name: str, root=None) -> list[int]:
-    """Steps with saved weights, ascending (the last is the final step)."""
-    from ..stages import stage
-
-    st = stage("models", run, model_name, root)
-    st.require()
-    return checkpoint_steps(st.path)
-
-
 def val_loss_columns(metrics, languages) -> dict[str, str]:
     """Language -> the column of ``read_metrics``'s frame holding its validation loss."""
     return {lang: f"val_loss_{lang}" for lang in languages if f"val_loss_{lang}" in metrics.columns}
-
-
-def read_metrics(run: str, model_name: str, root=None):
-    """Training metrics as a DataFrame: step, tokens, train_loss, lr, val_loss_<lang>..."""
-    import pandas as pd
-
-    from ..stages import stage
-
-    path = stage("models", run, model_name, root).file(METRICS_FILE)
-    if not path.exists():
-        raise ManifestMismatch(f"model {model_name!r} of run {run!r} has no metrics yet; "
-                               "train it first")
-    rows = []
-    for r in read_jsonl(path):
-        flat = {k: v for k, v in r.items() if k != "val_loss"}
-        flat.update({f"val_loss_{lang}": v for lang, v in r.get("val_loss", {}).items()})
-        rows.append(flat)
-    return pd.DataFrame(rows)
 
 
 def trained_steps(steps: list[int], metrics, share: float = 0.1) -> list[int]:
