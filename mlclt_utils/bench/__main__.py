@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--sizes", nargs="+", default=None, help="size names (default: all)")
         sub.add_argument("--steps", type=int, default=20)
         sub.add_argument("--warmup", type=int, default=3)
+        sub.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the preset's)")
         sub.add_argument("--compile", action="store_true",
                          help="also time the blocks through torch.compile, beside eager")
     opts = sub.parse_args(rest)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         from .train import run_train_benchmark
 
         run_train_benchmark(opts.presets, opts.sizes, opts.steps, opts.warmup, opts.threads,
-                            opts.device, (False, True) if opts.compile else (False,))
+                            opts.device, (False, True) if opts.compile else (False,), opts.batch_size)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
 
 def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, warmup: int = 3,
                         threads: int | None = None, device: str = "cpu",
-                        variants: tuple[bool, ...] = (False,)) -> list[dict]:
+                        variants: tuple[bool, ...] = (False,), batch_size: int | None = None) -> list[dict]:
     """Benchmark every size of each preset (or only ``sizes``), once per entry of
     ``variants`` (False: eager, True: ``torch.compile``) side by side, print a table, return
     the rows."""
@@ -94,7 +94,8 @@ def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, 
     for name in presets:
         for size in (sizes or load_preset(name)["models"]["sizes"]):
             for compiled in variants:
-                rows.append(benchmark_training(name, size, steps, warmup, threads, device, compile=compiled))
+                rows.append(benchmark_training(name, size, steps, warmup, threads, device, batch_size,
+                                               compile=compiled))
     # measured again after the runs, keeping the best: other work on a shared machine
     # can only lower a measurement
     peak = max(peak, measure_matmul_peak(threads, device=device))
