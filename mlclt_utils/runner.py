@@ -96,7 +96,7 @@ HIDDEN_TAGS = {"parameters", "injected-parameters"}
 
 
 # a tqdm line: "desc: 40%|####      | 4/10 [00:01<00:02, 3.1it/s]" (any bar characters)
-PROGRESS_LINE = re.compile(r"\d+%\|.*\|\s*[\d.]+[kMG]?/[\d.?]+[kMG]?\s*\[|\d+(?:it|s)?/?\S*\s*\[[\d:]+(?:<[\d:?]+)?,")
+PROGRESS_LINE = re.compile(r"\d+%\|.*\|\s*[\d.]+[kMG]?/[\d.?]+[kMG]?\s*\[|\d+(?:it|s)?\s*\[\d+:\d\d(?::\d\d)?(?:<[\d:?]+)?,")
 
 
 def is_progress(text: str) -> bool:

@@ -54,7 +54,8 @@ def test_executed_chapters_lose_progress_bars_and_keep_warnings(tmp_path):
 
     bars = ("train models/s-en0:  50%|#####     | 732/1464 [06:30<06:30,  1.9step/s]\r"
             "train models/s-en0: 100%|##########| 1464/1464 [13:02<00:00,  2.58step/s, loss=4.991]\n")
-    warning = "UserWarning: 3 of 40 prompts have no answer token\n"
+    warning = ("UserWarning: 3 of 40 prompts have no answer token\n"
+               "SAE checkpoints s-en50 [1, 3, 12, 42, 146]; m-en50 [1, 3, 12, 42, 146]\n")
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("train()", outputs=[
                     nbformat.v4.new_output("stream", name="stderr", text=bars),
