@@ -205,3 +205,33 @@ def gap_difference(gaps_a: np.ndarray, gaps_b: np.ndarray, n_boot: int = 1000, s
     k = gaps_a.shape[1]
     return bootstrap(both, lambda g: middle_minus_edges(g[:, :k]) - middle_minus_edges(g[:, k:]),
                      n_boot, seed)
+
+
+def shared_space_verdicts(stats: Mapping[str, Mapping[str, UnitStats]], trained: Mapping[str, list],
+                          no_english: list, n_layers: int, dense_fraction: float, n_boot: int = 1000,
+                          seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Chapter 04's gap verdicts: for every model (``stats``: model -> language -> CLT unit
+    statistics, trained languages only) the A1 rows (A2 for the models in ``no_english``),
+    and for each no-English model the shown comparison of its inverted-U statistic with the
+    first English model's on the same languages. Returns ``(verdict rows, results rows)``."""
+    from ..claims import verdict
+
+    names = list(stats)
+    gaps = {name: row_gaps(stats[name], dense_fraction) for name in names}
+    verdicts, rows = [], []
+    for name in names:
+        claim = "A2" if name in no_english else "A1"
+        verdicts += gap_verdicts(gaps[name], claim, name, n_boot=n_boot, seed=seed)
+        rows += [{"model": name, "metric": f"overlap minus control, layer {l}", "value": float(v)}
+                 for l, v in enumerate(np.nanmean(gaps[name], axis=0))]
+    ref = next((n for n in names if n not in no_english), None)
+    for name in no_english:
+        if ref is None or n_layers < 3:
+            continue
+        same = row_gaps({lang: stats[ref][lang] for lang in trained[name]}, dense_fraction)
+        est, lo, hi = gap_difference(gaps[name], same, n_boot, seed)
+        verdicts.append(verdict("A2", f"inverted-U statistic of the gap, {name} minus {ref} on {name}'s languages",
+                                est, lo, hi, control="the same statistic in " + ref, n_units=len(same), units="verses",
+                                chapter="04", model=name, counted=False,
+                                note="a difference, shown beside the verdict: A2 is decided on the model's own shape"))
+    return verdicts, rows

@@ -116,3 +116,14 @@ def over_training_sentence(model: str, table: pd.DataFrame, k: int = 1) -> str:
     if len(r) > 1 and last["share"] > r.iloc[-2]["share"]:
         return text + "; it is highest at the last step: still rising when training stopped."
     return text + "."
+
+
+def retrieval_verdict(table: pd.DataFrame, claim: str, model: str, layer: int, chapter: str = "04") -> dict:
+    """The verdict row of top-1 retrieval at ``layer`` (a :func:`retrieval_by_layer` table)
+    against chance."""
+    from ..claims import verdict
+
+    r = table[(table["k"] == 1) & (table["layer"] == layer)].iloc[0]
+    return verdict(claim, f"translation retrieval (top 1) on CLT features, layer {int(r['layer'])}",
+                   r["share"], r["low"], r["high"], null=r["chance"], control=f"chance, 1 / {int(r['verses'])} verses",
+                   n_units=int(r["verses"]), units="verses", chapter=chapter, model=model)
