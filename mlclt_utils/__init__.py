@@ -9,7 +9,7 @@ The names below are what the chapters use; each is imported on first use, so
     model = load("models", cfg, run, "s-en50")
 
 Homes: ``stages`` (every artifact of the chain), ``data/`` (corpora, mixtures),
-``tokenizer``, ``models/``, ``clt/``, ``features/``, ``graphs/``, ``interventions``,
+``tokenizer``, ``models/``, ``clt/``, ``features/``, ``graphs/``, ``interventions``, ``diffing``,
 ``neurons``, ``sae/``, ``viz/``, ``results``, ``claims``,
 ``bench/``, ``runner``.
 """
@@ -26,6 +26,7 @@ _PUBLIC = {
     "model_names": "presets",
     "mixture_name": "presets",
     "reference_model": "presets",
+    "diffing_base": "presets",
     "size_models": "presets",
     "build": "stages",
     "load": "stages",

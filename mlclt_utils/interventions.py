@@ -54,25 +54,44 @@ def check_steers(clt, steers: Sequence[Steer]) -> None:
 def steering_hooks(model, clt, steers: Sequence[Steer], tokens: Tensor, bos_id: int | None = None):
     """TransformerLens forward hooks [(name, fn)] that apply ``steers`` (see the module
     docstring) in a forward pass over ``tokens`` [batch, pos]; BOS positions are left alone."""
+    return row_steering_hooks(model, clt, [steers] * tokens.shape[0], tokens, bos_id)
+
+
+def row_steering_hooks(model, clt, row_steers: Sequence[Sequence[Steer]], tokens: Tensor,
+                       bos_id: int | None = None):
+    """As :func:`steering_hooks`, with its own steers for each row of ``tokens`` (one list per
+    row, possibly empty): many steered continuations of one prompt run as one batch."""
     from functools import partial
 
-    check_steers(clt, steers)
+    if len(row_steers) != tokens.shape[0]:
+        raise ValueError(f"row_steers has {len(row_steers)} lists for {tokens.shape[0]} rows of tokens")
+    for steers in row_steers:
+        check_steers(clt, steers)
     cfg = clt.cfg
-    by_layer: dict[int, list[Steer]] = {}
-    for s in steers:
-        by_layer.setdefault(s.layer, []).append(s)
+    B = len(row_steers)
+    # per source layer: the features any row steers, and per row how (0 not, 1 scale, 2 value)
+    tables: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+    for layer in sorted({s.layer for steers in row_steers for s in steers}):
+        feats = sorted({s.feature for steers in row_steers for s in steers if s.layer == layer})
+        col = {f: j for j, f in enumerate(feats)}
+        mode = torch.zeros(B, len(feats), dtype=torch.long)
+        param = torch.zeros(B, len(feats))
+        for b, steers in enumerate(row_steers):
+            for s in steers:
+                if s.layer == layer:
+                    j = col[s.feature]
+                    mode[b, j], param[b, j] = (1, s.scale) if s.scale is not None else (2, s.value)
+        tables[layer] = (torch.tensor(feats), mode, param)
     if bos_id is None:
         bos_id = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
     keep = (tokens != bos_id)[..., None] if bos_id is not None else None
     pending: dict[int, Tensor] = {}                 # target layer -> [batch, pos, d] to add
 
     def read_input(x, hook, layer):
-        steer = by_layer[layer]
-        feats = torch.tensor([s.feature for s in steer], device=x.device)
+        feats, mode, param = (t.to(x.device) for t in tables[layer])
         current = encode_layer(clt, x.to(clt.W_enc.dtype), layer)[..., feats]          # [b, p, n]
-        new = current.clone()
-        for j, s in enumerate(steer):
-            new[..., j] = current[..., j] * s.scale if s.scale is not None else s.value
+        mode, param = mode[:, None, :], param[:, None, :].to(current.dtype)
+        new = torch.where(mode == 1, current * param, torch.where(mode == 2, param.expand_as(current), current))
         if keep is not None:
             new = torch.where(keep.to(x.device), new, current)
         delta = new - current
@@ -87,9 +106,8 @@ def steering_hooks(model, clt, steers: Sequence[Steer], tokens: Tensor, bos_id: 
         add = pending.pop(layer, None)
         return out if add is None else out + add
 
-    hooks = [(f"blocks.{layer}.{cfg.input_hook}", partial(read_input, layer=layer))
-             for layer in sorted(by_layer)]
-    targets = sorted({(l + t if cfg.cross_layer else l) for l in by_layer
+    hooks = [(f"blocks.{layer}.{cfg.input_hook}", partial(read_input, layer=layer)) for layer in tables]
+    targets = sorted({(l + t if cfg.cross_layer else l) for l in tables
                       for t in range(clt.W_dec[l].shape[1])})
     hooks += [(f"blocks.{k}.{cfg.output_hook}", partial(write_output, layer=k)) for k in targets]
     return hooks
@@ -124,6 +142,28 @@ def greedy_generate(model, clt, tokens: Sequence[int] | Tensor, steers: Sequence
         if nxt in stop_ids:
             break
     return out
+
+
+@torch.no_grad()
+def greedy_generate_many(model, clt, tokens: Sequence[int] | Tensor, row_steers: Sequence[Sequence[Steer]],
+                         max_new_tokens: int = 10, stop_ids: Sequence[int] = ()) -> list[list[int]]:
+    """:func:`greedy_generate` of one prompt under each list of ``row_steers``, as one batch:
+    the same continuations, one forward pass per new token for all of them."""
+    ids = torch.as_tensor(tokens).flatten().long()
+    ctx = ids[None].repeat(len(row_steers), 1).to(model.cfg.device)
+    outs: list[list[int]] = [[] for _ in row_steers]
+    done = [False] * len(row_steers)
+    for _ in range(max_new_tokens):
+        if ctx.shape[1] >= model.cfg.n_ctx or all(done):
+            break
+        hooks = row_steering_hooks(model, clt, row_steers, ctx) if any(row_steers) else []
+        nxt = model.run_with_hooks(ctx, fwd_hooks=hooks)[:, -1].argmax(-1)
+        for b, t in enumerate(nxt.tolist()):
+            if not done[b]:
+                outs[b].append(int(t))
+                done[b] = int(t) in stop_ids
+        ctx = torch.cat([ctx, nxt[:, None]], 1)
+    return outs
 
 
 # ------------------------------------------------------------ switching the language -----
@@ -234,14 +274,16 @@ def language_switch(model, clt, prompts, features, means, classify, strengths: S
                 # a random feature that never fires in the target gets the mean of the target's
                 # language features, so the control adds as much activation
                 fallback = float(np.mean([means[target][lf] for lf in dst]))
+                # every strength and draw of this prompt and target as one batch
+                runs = []
                 for s in strengths:
-                    steers = switch_steers(src, dst, means[target], s, clamp_scale)
-                    record(p, target, s, "steer", greedy_generate(model, clt, ids, steers, max_new_tokens, stop))
+                    runs.append((s, "steer", 0, switch_steers(src, dst, means[target], s, clamp_scale)))
                     for d, (rs, rd) in enumerate(draws):
                         m = {lf: means[target].get(lf, 0.0) or fallback for lf in rd}
-                        steers = switch_steers(rs, rd, m, s, clamp_scale)
-                        record(p, target, s, "control",
-                               greedy_generate(model, clt, ids, steers, max_new_tokens, stop), d)
+                        runs.append((s, "control", d, switch_steers(rs, rd, m, s, clamp_scale)))
+                conts = greedy_generate_many(model, clt, ids, [r[3] for r in runs], max_new_tokens, stop)
+                for (s, kind, d, _), out in zip(runs, conts):
+                    record(p, target, s, kind, out, d)
     finally:
         bar.close()
     return pd.DataFrame(rows)

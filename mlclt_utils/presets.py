@@ -144,6 +144,23 @@ _BASE: dict[str, Any] = {
         "bootstrap": 200,              # resamples of parallel rows for the key-neuron location
         "display_rows": 40,            # rows per language in the similarity figure
     },
+    # model diffing (chapter 08, claim A5): finetunes of the base model and matched CLTs
+    "diffing": {
+        "base_model": None,            # None: the main-size model with the highest English share
+        "weak_language": None,         # None: the trained language whose loss trails the reference most
+        "strong_language": None,       # None: the other trained language with the lowest loss (a control)
+        "finetune_fraction": 0.1,      # tokens of each finetune: this share of training.tokens
+        "finetune_lr_ratio": 0.3,      # peak learning rate of a finetune: this x training.lr
+        "clt_fraction": 0.1,           # further CLT training: this share of clt.train_tokens
+        "floor_quantile": 0.99,        # a feature changed: its decoder moved beyond this quantile of the floor
+        "selection_rows": 200,         # validation rows per language that choose the late and early features
+        "reassembly_share": 0.8,       # a word-reassembly feature fires on continuing pieces more than this
+        "crosscoder_expansion": 4,     # latents = this x d_model, at the first, a middle and the last layer
+        "crosscoder_k": 16,
+        "crosscoder_tokens": 40_000,   # paired activation vectors per crosscoder (cycled as trained)
+        "crosscoder_train_tokens": 200_000,
+        "transplant_draws": 5,         # random-feature control sets of the causal transplant
+    },
     # the bilingual run of chapter 09 (paper B): its own corpus, tokenizer, data and models,
     # built by the same stages under the run name "<run>-bilingual" (see bilingual_preset)
     "bilingual": {
@@ -325,6 +342,13 @@ def validate(preset: Mapping[str, Any]) -> None:
         raise ValueError(f"a mixture has an English share > 0 but 'en' is not in the languages {langs}")
     if any(p < 1 for p in shares) and len(langs) < 2:
         raise ValueError(f"a share below 1 needs a language besides English; languages: {langs}")
+    d = preset["diffing"]
+    for key in ("finetune_fraction", "finetune_lr_ratio", "clt_fraction"):
+        if not d[key] > 0:
+            raise ValueError(f"parameter 'diffing.{key}' must be positive, got {d[key]!r}")
+    for key in ("floor_quantile", "reassembly_share"):
+        if not 0 < d[key] < 1:
+            raise ValueError(f"parameter 'diffing.{key}' must lie in (0, 1), got {d[key]!r}")
     models = preset["models"]
     if models["main_size"] not in models["sizes"]:
         raise ValueError(f"models.main_size {models['main_size']!r} is not one of the sizes "
@@ -392,6 +416,19 @@ def model_names(preset: Mapping[str, Any]) -> list[str]:
         if size != models["main_size"]:
             names.append(f"{size}-{mixture_name(models['size_comparison_share'])}")
     return names
+
+
+def diffing_base(preset: Mapping[str, Any]) -> str:
+    """Chapter 08's base model: ``diffing.base_model``, or the main-size model with the
+    highest English share (e.g. 's-en90')."""
+    name = preset["diffing"]["base_model"]
+    names = model_names(preset)
+    if name is None:
+        models = preset["models"]
+        return f"{models['main_size']}-{mixture_name(max(preset['mixtures']['english_shares']))}"
+    if name not in names:
+        raise ValueError(f"diffing.base_model {name!r} is not a model of this preset; allowed: {names}")
+    return name
 
 
 def reference_model(preset: Mapping[str, Any]) -> str:

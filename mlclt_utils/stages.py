@@ -42,8 +42,8 @@ from typing import Any, Callable, Mapping
 from . import distributed
 from .artifacts import (IN_PROGRESS_FILE, METRICS_FILE, RESUME_FILE, ManifestMismatch, Stage, atomic_path,
                         config_hash, read_json, read_jsonl, write_json)
-from .presets import (BILINGUAL_SUFFIX, bilingual_preset, load_preset, mixture_name, mixture_share,
-                      model_names, parse_override, reference_model, size_models)
+from .presets import (BILINGUAL_SUFFIX, bilingual_preset, diffing_base, load_preset, mixture_name,
+                      mixture_share, model_names, parse_override, reference_model, size_models)
 
 
 class StaleStage(ManifestMismatch):
@@ -271,6 +271,10 @@ def chain(preset) -> list[tuple[str, str | None]]:
     out += [("language_stats", n) for n in names]
     ref = reference_model(preset)
     out += [("graphs", ref), ("interventions", ref)]
+    base = diffing_base(preset)
+    out += [("finetunes", v) for v in ("weak", "mixture", "strong")]
+    out += [("diff_clts", v) for v in ("stagewise", "floor", "data_only", "mixture", "strong")]
+    out += [("crosscoders", base), ("diffing", base)]
     out += [("neurons", n) for n in size_models(preset)]
     return out
 
@@ -1013,6 +1017,308 @@ register(StageKind("stitching", "09", _stitching_config,
                    lambda p, k: [("data", model_mixture(k)), ("models", k), ("saes", k)],
                    _build_stitching, lambda st: _load_tables(st, ("stitching",))["stitching"],
                    keys=lambda p: size_models(p)[:1]))
+
+
+# ------------------------------------------------------------ model diffing (chapter 08) -----
+
+def _finetune_config(preset, key) -> dict:
+    """A finetune of the base model: its variant (``diffing.VARIANTS``), budget, learning rate
+    and the language parameters (the languages themselves are chosen from the base model's
+    loss when the stage builds; a named weak language is checked here, before any work)."""
+    from .diffing import VARIANTS
+
+    if key not in VARIANTS:
+        raise ValueError(f"unknown finetune {key!r}; allowed: {VARIANTS}")
+    d, t = preset["diffing"], preset["training"]
+    base = diffing_base(preset)
+    trained = trained_languages(preset, base)
+    for name in ("weak_language", "strong_language"):
+        if d[name] is not None and d[name] not in trained:
+            raise ValueError(f"diffing.{name} {d[name]!r} is not a language the base model {base} was "
+                             f"trained on; allowed: {trained}")
+    tokens = int(d["finetune_fraction"] * t["tokens"])
+    training = {**t, "tokens": tokens, "lr": d["finetune_lr_ratio"] * t["lr"], "n_checkpoints": 2,
+                "eval_every": max(1, tokens // (t["batch_size"] * preset["models"]["n_ctx"] * 5))}
+    return {"base_model": base, "variant": key, "weak_language": d["weak_language"],
+            "strong_language": d["strong_language"], "languages": list(preset["corpus"]["languages"]),
+            "trained_languages": trained, "weights": preset["mixtures"]["weights"],
+            "n_ctx": preset["models"]["n_ctx"], "training": training, "seed": preset["seed"] + 1}
+
+
+def _finetune_upstream(preset, key) -> list:
+    base = diffing_base(preset)
+    return [("corpus", None), ("tokenizer", None), ("data", model_mixture(base)), ("models", base)]
+
+
+def diffing_languages(preset, run: str | None = None, root=None) -> dict:
+    """``{"weak", "strong", "table"}`` for the base model of ``run`` (from its final
+    validation loss per language, ``diffing.choose_languages``)."""
+    import pandas as pd
+
+    from .diffing import choose_languages
+
+    preset = _preset(preset)
+    run = run or preset["name"]
+    base = diffing_base(preset)
+    metrics = read_metrics(run, base, root)
+    last = metrics.dropna(subset=[c for c in metrics.columns if c.startswith("val_loss_")]).iloc[-1]
+    val = {c[len("val_loss_"):]: float(last[c]) for c in metrics.columns if c.startswith("val_loss_")}
+    d = preset["diffing"]
+    weak, strong, table = choose_languages(val, trained_languages(preset, base), d["weak_language"],
+                                           d["strong_language"])
+    return {"weak": weak, "strong": strong, "table": pd.DataFrame(table)}
+
+
+def _build_finetune(ctx: BuildContext):
+    from .artifacts import save_tensors
+    from .data.datasets import build_mixture_dataset
+    from .diffing import finetune_mixture
+    from .models.config import config_from_dict
+    from .models.train import train_model
+
+    cfg = ctx.config
+    base = cfg["base_model"]
+    chosen = diffing_languages(ctx.preset, ctx.run, ctx.root)
+    share, weights = finetune_mixture(ctx.key, cfg["languages"], mixture_share(ctx.preset, model_mixture(base)),
+                                      cfg["weights"], chosen["weak"], chosen["strong"])
+    corpus, tokenizer = ctx.input("corpus"), ctx.input("tokenizer")
+    train, report = build_mixture_dataset(corpus, tokenizer, share, cfg["training"]["tokens"], cfg["n_ctx"],
+                                          cfg["seed"], weights)
+    base_model = ctx.input("models", base)
+    base_folder = stage("models", ctx.run, base, ctx.root).path
+    model_cfg = config_from_dict(read_json(base_folder / "config.json")["hooked_transformer"])
+    data = ctx.input("data", model_mixture(base))
+    summary = train_model(ctx.stage, model_cfg, train, data["validation"], cfg["training"], seed=cfg["seed"],
+                          device=ctx.device, languages=cfg["languages"], progress=ctx.progress,
+                          info={"model_name": f"{base}-ft-{ctx.key}", "base_model": base,
+                                "finetune": ctx.key, "english_share": share},
+                          init_state={k: v.detach().cpu() for k, v in base_model.state_dict().items()})
+    save_tensors(ctx.stage.file("train.safetensors"), {"tokens": train["tokens"].to(__import__("torch").int32),
+                                                       "language": train["language"]})
+    _write_tables(ctx.stage, {"languages": chosen["table"]})
+    write_json(ctx.stage.file("choice.json"), {"weak": chosen["weak"], "strong": chosen["strong"],
+                                               "english_share": share, "weights": weights,
+                                               "per_language": report})
+    return {"summary": {k: v for k, v in summary.items() if k != "completed"}}
+
+
+def _load_finetune(st: Stage, step: int | None = None, device: str = "cpu", part: str = "model"):
+    """The finetuned model (``part="model"``), or its training rows (``"train"``), or the
+    language choice (``"choice"``: weak, strong and the base model's loss table)."""
+    from .artifacts import load_tensors
+    from .models.load import load_model_from
+
+    if part == "train":
+        return load_tensors(st.file("train.safetensors"))["tokens"].long()
+    if part == "choice":
+        return {**read_json(st.file("choice.json")), "table": _load_tables(st, ("languages",))["languages"]}
+    tok = stage("tokenizer", st.run, None, st.root)
+    return load_model_from(st.path, tok.path if tok.is_complete() else None, step, device)
+
+
+def _diff_clt_config(preset, key) -> dict:
+    from .diffing import CLT_VARIANTS
+
+    if key not in CLT_VARIANTS:
+        raise ValueError(f"unknown further-trained CLT {key!r}; allowed: {CLT_VARIANTS}")
+    d = preset["diffing"]
+    # no warm-up of the sparsity penalty: the CLT is trained already
+    clt = {**preset["clt"], "lambda_warmup_fraction": 0.0, "n_checkpoints": 1}
+    offset = {"stagewise": 1, "mixture": 1, "strong": 1, "data_only": 1, "floor": 2}[key]
+    return {"base_model": diffing_base(preset), "variant": key, "clt": clt,
+            "tokens": int(d["clt_fraction"] * preset["clt"]["train_tokens"]), "seed": preset["seed"] + offset}
+
+
+def _diff_clt_upstream(preset, key) -> list:
+    from .diffing import CLT_MODEL
+
+    base = diffing_base(preset)
+    out = [("clt", base), ("models", base), ("data", model_mixture(base))]
+    if CLT_MODEL.get(key):
+        out.append(("finetunes", CLT_MODEL[key]))
+    if key == "data_only":
+        out.append(("finetunes", "weak"))
+    return out
+
+
+def _build_diff_clt(ctx: BuildContext):
+    """The base CLT trained further (scales kept, no sparsity warm-up) on the model and text
+    of its variant (``diffing`` module docstring)."""
+    from .clt.activations import ActivationBuffer
+    from .clt.formats import save_clt
+    from .clt.train import train_clt
+    from .diffing import CLT_MODEL
+
+    cfg = ctx.config
+    base = cfg["base_model"]
+    clt = ctx.input("clt", base)
+    model = ctx.input("finetunes", CLT_MODEL[ctx.key]) if CLT_MODEL[ctx.key] else ctx.input("models", base)
+    tokens = (ctx.input("finetunes", "weak", part="train") if ctx.key == "data_only"
+              else ctx.input("data", model_mixture(base))["train"]["tokens"])
+    c = cfg["clt"]
+    source = ActivationBuffer(model, tokens, c["batch_tokens"], c["buffer_tokens"], seed=cfg["seed"],
+                              context_length=c["context_length"])
+    summary = train_clt(clt, source, cfg["tokens"], c, stage=ctx.stage, seed=cfg["seed"], device="cpu",
+                        progress=ctx.progress, keep_scales=True)
+    save_clt(clt.to("cpu"), ctx.stage.path)
+    return {"summary": {k: v for k, v in summary.items() if k != "completed"}}
+
+
+def _crosscoder_config(preset, key) -> dict:
+    d = preset["diffing"]
+    n_layers = preset["models"]["sizes"][key.split("-")[0]]["n_layers"]
+    return {"base_model": key, "layers": sorted({0, n_layers // 2, n_layers - 1}),
+            "expansion": d["crosscoder_expansion"], "k": d["crosscoder_k"], "tokens": d["crosscoder_tokens"],
+            "train_tokens": d["crosscoder_train_tokens"], "seed": preset["seed"],
+            "eval_tokens": preset["clt"]["eval_tokens"] // 4}
+
+
+@__import__("torch").no_grad()
+def _resid_pairs(model_a, model_b, rows, layer: int):
+    """[n, d] residual-stream vectors after ``layer`` of both models on the same tokens (BOS
+    positions dropped)."""
+    import torch
+
+    from .clt.activations import kept_mask
+    from .tokenizer import BOS_ID
+
+    name = f"blocks.{layer}.hook_resid_post"
+    keep = kept_mask(rows, BOS_ID)
+    out = []
+    for m in (model_a, model_b):
+        acts = []
+        for i in range(0, rows.shape[0], 32):
+            _, cache = m.run_with_cache(rows[i:i + 32], names_filter=[name])
+            acts.append(cache[name][keep[i:i + 32]].float())
+        out.append(torch.cat(acts))
+    return out
+
+
+def _build_crosscoders(ctx: BuildContext):
+    """A BatchTopK crosscoder on the base and the weak finetune's residual stream at each of
+    the configured layers: relative decoder norms, and the latent-scaling check (Minder et
+    al., 2025) of every latent that looks specific to one model, on held-out rows."""
+    import pandas as pd
+
+    from .artifacts import save_tensors
+    from .sae.crosscoder import CrosscoderConfig, latent_scaling, train_crosscoder
+
+    cfg = ctx.config
+    base = ctx.key
+    model_a, model_b = ctx.input("models", base), ctx.input("finetunes", "weak")
+    data = ctx.input("data", model_mixture(base))
+    n_ctx = model_a.cfg.n_ctx
+    train_rows = data["train"]["tokens"][:max(1, cfg["tokens"] // n_ctx)]
+    held = __import__("torch").cat([v[:max(1, cfg["eval_tokens"] // (n_ctx * len(data["validation"])))]
+                                    for v in data["validation"].values()])
+    norms, scaling, quality = [], [], []
+    tensors = {}
+    for layer in cfg["layers"]:
+        a, b = _resid_pairs(model_a, model_b, train_rows, layer)
+        cc_cfg = CrosscoderConfig(d_in=a.shape[1], d_latent=cfg["expansion"] * a.shape[1], k=cfg["k"],
+                                  train_tokens=cfg["train_tokens"], seed=cfg["seed"])
+        cc = train_crosscoder(a, b, cc_cfg, progress=ctx.progress)
+        ha, hb = _resid_pairs(model_a, model_b, held, layer)
+        x = __import__("torch").stack([ha, hb], 1)
+        z = cc.encode(x)
+        err = (x - cc.decode(z)).pow(2).sum(-1).sum(0)
+        var = (x - x.mean(0)).pow(2).sum(-1).sum(0)
+        quality.append({"layer": layer, "fvu_base": float(err[0] / var[0]), "fvu_finetuned": float(err[1] / var[1]),
+                        "l0": float((z > 0).float().sum(1).mean()), "dead": float(((z > 0).sum(0) == 0).float().mean())})
+        rel = cc.relative_norms().numpy()
+        fires = (z > 0).sum(0).numpy()
+        norms.append(pd.DataFrame({"layer": layer, "latent": range(len(rel)), "relative_norm": rel,
+                                   "fires": fires}))
+        specific = [j for j in range(len(rel)) if (rel[j] > 0.9 or rel[j] < 0.1) and fires[j] > 0]
+        if specific:
+            # latent_scaling reads b's direction; for base-only latents swap the two models
+            b_only = [j for j in specific if rel[j] > 0.9]
+            a_only = [j for j in specific if rel[j] < 0.1]
+            if b_only:
+                scaling.append(latent_scaling(cc, ha, hb, b_only).assign(layer=layer, looks="finetuned-only"))
+            if a_only:
+                swapped = _swapped(cc)
+                scaling.append(latent_scaling(swapped, hb, ha, a_only).assign(layer=layer, looks="base-only"))
+        tensors.update({f"layer_{layer}.{k}": v.detach().contiguous() for k, v in cc.state_dict().items()})
+    save_tensors(ctx.stage.file("crosscoders.safetensors"), tensors)
+    cols = ["latent", "beta_reconstruction_a", "beta_reconstruction_b", "beta_error_a", "beta_error_b",
+            "nu_reconstruction", "nu_error", "layer", "looks"]
+    _write_tables(ctx.stage, {"norms": pd.concat(norms, ignore_index=True), "quality": pd.DataFrame(quality),
+                              "scaling": pd.concat(scaling, ignore_index=True) if scaling else pd.DataFrame(columns=cols)})
+
+
+def _swapped(cc):
+    """The same crosscoder with its two models' roles exchanged."""
+    import copy
+
+    out = copy.deepcopy(cc)
+    with __import__("torch").no_grad():
+        out.W_dec.copy_(cc.W_dec.flip(1))
+        out.W_enc.copy_(cc.W_enc.flip(0))
+        out.b_dec.copy_(cc.b_dec.flip(0))
+    return out
+
+
+CROSSCODER_TABLES = ("norms", "quality", "scaling")
+
+
+def _diffing_config(preset, key) -> dict:
+    d, f = preset["diffing"], preset["features"]
+    return {"base_model": key, "languages": list(preset["corpus"]["languages"]),
+            "trained_languages": trained_languages(preset, key), "parallel": f["parallel"],
+            "max_rows": f["max_rows"], "batch_size": f["batch_size"], "dense_fraction": f["dense_fraction"],
+            "min_frequency": f["min_frequency"], "min_concentration": f["min_concentration"],
+            "bootstrap": f["bootstrap"], "seed": preset["seed"],
+            "eval_tokens_per_language": preset["clt"]["eval_tokens"],
+            **{k: d[k] for k in ("floor_quantile", "selection_rows", "reassembly_share", "transplant_draws")}}
+
+
+def _diffing_upstream(preset, key) -> list:
+    from .diffing import CLT_VARIANTS, VARIANTS
+
+    return ([("corpus", None), ("tokenizer", None), ("data", model_mixture(key)), ("models", key), ("clt", key)]
+            + [("finetunes", v) for v in VARIANTS] + [("diff_clts", v) for v in CLT_VARIANTS])
+
+
+def _build_diffing(ctx: BuildContext):
+    from .diffing import diffing_tables
+
+    cfg = ctx.config
+    base = ctx.key
+    models = {"base": ctx.input("models", base), **{v: ctx.input("finetunes", v) for v in ("weak", "mixture", "strong")}}
+    clts = {"base": ctx.input("clt", base), **{v: ctx.input("diff_clts", v) for v in
+                                              ("stagewise", "floor", "data_only", "mixture", "strong")}}
+    choice = ctx.input("finetunes", "weak", part="choice")
+    tables = diffing_tables(models, clts, ctx.input("data", model_mixture(base)), ctx.input("corpus"),
+                            ctx.input("tokenizer"), choice["weak"], cfg, progress=ctx.progress)
+    tables["languages"] = choice["table"]
+    _write_tables(ctx.stage, tables)
+    write_json(ctx.stage.file("info.json"), {"weak": choice["weak"], "strong": choice["strong"]})
+
+
+DIFFING_TABLES = ("languages", "losses", "changes", "features", "transfer", "verses", "transplant", "selection")
+
+
+def _load_diffing(st: Stage) -> dict:
+    return {**_load_tables(st, DIFFING_TABLES), **read_json(st.file("info.json"))}
+
+
+def _register_diffing_kinds() -> None:
+    from .diffing import CLT_VARIANTS, VARIANTS
+
+    register(StageKind("finetunes", "08", _finetune_config, _finetune_upstream, _build_finetune, _load_finetune,
+                       keys=lambda p: list(VARIANTS)))
+    register(StageKind("diff_clts", "08", _diff_clt_config, _diff_clt_upstream, _build_diff_clt, _load_clt,
+                       keys=lambda p: list(CLT_VARIANTS)))
+    register(StageKind("crosscoders", "08", _crosscoder_config,
+                       lambda p, k: [("data", model_mixture(k)), ("models", k), ("finetunes", "weak")],
+                       _build_crosscoders, lambda st: _load_tables(st, CROSSCODER_TABLES),
+                       keys=lambda p: [diffing_base(p)]))
+    register(StageKind("diffing", "08", _diffing_config, _diffing_upstream, _build_diffing, _load_diffing,
+                       keys=lambda p: [diffing_base(p)]))
+
+
+_register_diffing_kinds()
 
 
 # ====================================================================== command line =====

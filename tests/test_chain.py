@@ -20,7 +20,7 @@ def test_tiny_chain_and_book(tmp_path):
     html = REPO / "_build" / "html"
     for chapter in ("00_overview", "01_data_tokenizer", "02_train_models", "03_fit_clts",
                     "04_shared_features", "05_language_features", "06_attribution_graphs",
-                    "07_language_interventions", "09_bilingual_saes", "10_lingua_franca_neurons"):
+                    "07_language_interventions", "08_model_diffing", "09_bilingual_saes", "10_lingua_franca_neurons"):
         page = html / "book" / "chapters" / f"{chapter}.html"
         assert page.exists(), f"{page} was not built"
     # executed chapters carry their figures as images, so the book reads without a kernel

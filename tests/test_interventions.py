@@ -84,6 +84,23 @@ def test_greedy_generation_with_and_without_a_neutral_steer():
     assert greedy_generate(model, clt, prompt, max_new_tokens=3, stop_ids=[expected[0]]) == expected[:1]
 
 
+def test_a_batch_of_steered_continuations_equals_each_one_alone():
+    from mlclt_utils.interventions import greedy_generate_many
+
+    model, clt = tiny_model(), tiny_clt()
+    acts = _acts(model, clt, 1)
+    f1, f2, f3 = _busy(acts)
+    sets = [[], [Steer(1, f1, scale=0.0)], [Steer(1, f1, scale=-1.0), Steer(2, f2, value=3.0)],
+            [Steer(0, f3, value=5.0), Steer(1, f2, scale=2.0)], [Steer(2, f2, value=3.0)]]
+    prompt = TOKENS[0, :4]
+    alone = [greedy_generate(model, clt, prompt, s, max_new_tokens=5) for s in sets]
+    assert len({tuple(a) for a in alone}) > 1                       # the steers do something
+    assert greedy_generate_many(model, clt, prompt, sets, max_new_tokens=5) == alone
+    stop = [alone[1][1]]                                            # a row stops at its stop token
+    assert (greedy_generate_many(model, clt, prompt, sets, 5, stop)
+            == [greedy_generate(model, clt, prompt, s, 5, stop) for s in sets])
+
+
 def test_bad_steers_are_refused_with_the_bad_value():
     model, clt = tiny_model(), tiny_clt()
     with pytest.raises(ValueError, match="exactly one"):

@@ -108,7 +108,7 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
               stage: Stage | None = None, seed: int = 0, device: str | torch.device = "cpu",
               progress: bool = True, max_steps_this_call: int | None = None,
               log_every: int | None = None, max_seconds: float | None = None,
-              sparse: bool | None = None) -> dict:
+              sparse: bool | None = None, keep_scales: bool = False) -> dict:
     """Train ``clt`` in place on ``n_tokens`` tokens of ``source`` (anything with
     ``batch(t) -> (x, y)`` of ``cfg["batch_tokens"]`` rows, e.g. ``ActivationBuffer``).
 
@@ -169,7 +169,7 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
         start, n_acc = int(state["step"]), int(state["n_acc"])
         l0_stopped = bool(state.get("stopped_at_l0", False))
         last_fire, acc, acc_loss = state["last_fire"], state["acc"], state["acc_loss"]
-    else:
+    elif not keep_scales:
         # normalisation scales from the first global batches (the same on every rank)
         xs, ys = zip(*(source.batch(t) for t in range(min(SCALE_BATCHES, n_steps))))
         clt.set_scales_from(torch.cat(xs).to(device), torch.cat(ys).to(device))

@@ -290,6 +290,14 @@ def _data_fingerprint(tokens: torch.Tensor) -> list:
     return [list(tokens.shape), int(tokens.sum()), hashlib.sha256(head).hexdigest()[:16]]
 
 
+def _state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
@@ -337,7 +345,8 @@ def train_model(stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
                 eval_sets: Mapping[str, torch.Tensor], training: Mapping[str, Any], seed: int = 0,
                 device: str | None = None, languages: list[str] | None = None,
                 progress: bool = True, info: Mapping[str, Any] | None = None,
-                stop_after_step: int | None = None) -> dict:
+                stop_after_step: int | None = None, init_state: Mapping[str, torch.Tensor] | None = None
+                ) -> dict:
     """Train a model from ``model_cfg`` on ``train_tensors`` and write it into ``stage``'s folder.
 
     ``train_tensors``: ``{"tokens": [N, n_ctx], "language": [N]}``; ``eval_sets``:
@@ -348,7 +357,8 @@ def train_model(stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
     Resumes from ``resume.pt`` when it was written by a run with the same settings and
     data (also with another number of processes: the global batch is the same).
     ``stop_after_step`` makes the call return right after that update, as if the process
-    had been killed (for tests of resuming). Does not write the manifest (the stage
+    had been killed (for tests of resuming). ``init_state``: weights to start from instead
+    of a fresh initialisation (finetuning, chapter 08); the optimizer starts fresh. Does not write the manifest (the stage
     driver, ``mlclt_utils.stages``, does). Returns a summary dict; ``completed`` is False after a stop.
     """
     _check_training(training)
@@ -378,10 +388,13 @@ def train_model(stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
     path = stage.path
     metrics_path, resume_path = path / METRICS_FILE, path / RESUME_FILE
     key = config_hash({"model": config_to_dict(model_cfg), "training": dict(training), "seed": seed,
-                       "data": _data_fingerprint(tokens_all)})
+                       "data": _data_fingerprint(tokens_all),
+                       "init": None if init_state is None else _state_fingerprint(init_state)})
 
     _seed_everything(seed)
     model = build_model(model_cfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     model.to(device, print_details=False)
     freeze_key_biases(model)
     optimizer = make_optimizer(model, training["lr"], training["weight_decay"])

@@ -429,6 +429,89 @@ def switch_matrix_figure(matrix: pd.DataFrame, title: str):
     return fig
 
 
+# ---- chapter 08 -------------------------------------------------------------------------
+
+FINETUNE_STYLE = {"weak": dict(color="#d62728", label="weak-language finetune"),
+                  "mixture": dict(color="grey", label="mixture finetune (more training)"),
+                  "strong": dict(color="#1f77b4", label="strong-language finetune")}
+
+
+def finetune_loss_figure(losses: pd.DataFrame, order: Sequence[str]):
+    """Change of test loss per language for each finetune against the base model (columns
+    variant, language, change, low, high), bars with their 95 % intervals; below 0: better."""
+    fig, axes = panels(1, height=2.8)
+    ax = axes[0]
+    langs = [lang for lang in order if lang in set(losses["language"])]
+    variants = [v for v in FINETUNE_STYLE if v in set(losses["variant"])]
+    width = 0.8 / max(len(variants), 1)
+    for i, v in enumerate(variants):
+        part = losses[losses["variant"] == v].set_index("language").reindex(langs)
+        x = np.arange(len(langs)) + (i - (len(variants) - 1) / 2) * width
+        err = np.vstack([part["change"] - part["low"], part["high"] - part["change"]])
+        ax.bar(x, part["change"], width, yerr=err, capsize=2, **FINETUNE_STYLE[v])
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(langs)), [language_label(lang) for lang in langs])
+    ax.set_ylabel("test loss change\n(finetuned − base, nats)")
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def feature_change_figure(changes: pd.DataFrame, expected: float):
+    """Share of CLT features changed beyond the noise floor per layer, for each further-trained
+    CLT (columns variant, layer, changed, features); ``expected``: the share the floor lets
+    through by chance (a dashed line)."""
+    styles = {"stagewise": dict(color="#d62728", marker="o", label="stage-wise (weak finetune)"),
+              "mixture": dict(color="grey", marker="s", label="mixture finetune"),
+              "strong": dict(color="#1f77b4", marker="^", label="strong-language finetune"),
+              "data_only": dict(color="#9467bd", marker="D", ls="--", label="data only (base model, weak text)")}
+    fig, axes = panels(1, height=2.8)
+    ax = axes[0]
+    for v, style in styles.items():
+        part = changes[changes["variant"] == v].sort_values("layer")
+        if len(part):
+            ax.plot(part["layer"], part["changed"] / part["features"], **style)
+    ax.axhline(expected, color="black", ls=":", lw=0.8, label="passes the floor by chance")
+    layers = sorted(changes["layer"].unique())
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("features changed\nbeyond the floor")
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def relative_norm_figure(norms: pd.DataFrame):
+    """Histogram of the crosscoder latents' relative decoder norm (0: base only, 0.5: shared,
+    1: finetuned only), one panel per layer, live latents only."""
+    layers = sorted(norms["layer"].unique())
+    fig, axes = panels(len(layers), per_row=len(layers), height=2.4, sharey=True)
+    for ax, layer in zip(axes, layers):
+        part = norms[(norms["layer"] == layer) & (norms["fires"] > 0)]
+        ax.hist(part["relative_norm"], bins=np.linspace(0, 1, 21), color="#1f77b4")
+        for x in (0.1, 0.9):
+            ax.axvline(x, color="black", ls=":", lw=0.8)
+        ax.set_title(f"layer {layer}", loc="left", fontsize=9)
+        ax.set_xlabel("relative decoder norm")
+    axes[0].set_ylabel("latents")
+    return fig
+
+
+def transplant_figure(summary: pd.DataFrame):
+    """Share of the finetuning gain closed (base to finetuned) or undone (finetuned to base) by
+    moving a feature set's decoders, with 95 % intervals, against random sets of equal size."""
+    fig, axes = panels(1, height=2.6)
+    ax = axes[0]
+    labels = [f"{d}: {s}" for d, s in zip(summary["direction"], summary["set"])]
+    y = np.arange(len(summary))[::-1]
+    colours = ["grey" if s.startswith("random") else "#d62728" for s in summary["set"]]
+    for yi, c, (_, r) in zip(y, colours, summary.iterrows()):
+        ax.plot([r["low"], r["high"]], [yi, yi], color=c, lw=2)
+        ax.plot([r["share"]], [yi], "o", color=c)
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlabel("share of the finetuning loss gain")
+    return fig
+
+
 # ---- chapter 09 -------------------------------------------------------------------------
 
 def latent_language_figure(shares: pd.DataFrame, languages: Sequence[str]):
