@@ -366,7 +366,7 @@ def _reference(trained: Sequence[str], weak: str) -> str:
 
 
 def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokenizer, weak: str, cfg: Mapping,
-                   progress: bool = True) -> dict[str, pd.DataFrame]:
+                   prompts: pd.DataFrame | None = None, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Every table of chapter 08 from the base model and its finetunes (``models``: base, weak,
     mixture, strong) and the base CLT with its further-trained copies (``clts``: base,
     stagewise, floor, data_only, mixture, strong). ``cfg``: the diffing stage's config.
@@ -376,7 +376,9 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
     the diff statistics, changed, and firing rates on the weak and reference languages' test
     verses before and after), ``transfer`` (the base CLT on the finetuned model), ``verses``
     (per test verse: measure, condition, language, row, value), ``transplant`` (per test row:
-    direction, set, draw, loss) and ``selection`` (which features each part reads)."""
+    direction, set, draw, loss), ``selection`` (which features each part reads) and ``links``
+    (per cloze prompt of the weak language among ``prompts``, chapter 06's table: the
+    attribution flow from middle-layer features to the late language features)."""
     from .clt.diff import changed_features, feature_diff
     from .clt.evaluate import evaluate_clt
     from .data.datasets import verse_rows
@@ -392,7 +394,7 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
     ref = _reference(langs, weak)
     base_model, n_layers = models["base"], models["base"].cfg.n_layers
     n_ctx, bs, seed, n_boot = base_model.cfg.n_ctx, cfg["batch_size"], cfg["seed"], cfg["bootstrap"]
-    steps = progress_bar(total=6, desc="diffing", disable=not progress)
+    steps = progress_bar(total=7, desc="diffing", disable=not progress)
 
     # 1. loss of every model on the test split
     per_lang = max(1, cfg["eval_tokens_per_language"] // n_ctx)
@@ -509,6 +511,19 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
                 transplant_losses(models["weak"], clts["stagewise"], clts["floor"], rand, rows_w, bs))
     out["transplant"] = pd.concat(tp, ignore_index=True)
     steps.update(1)
+
+    # 6. links: attribution graphs of the weak language's cloze prompts, matched CLTs
+    from .prompts import context_ids
+
+    mine = prompts[prompts["language"] == weak].copy() if prompts is not None else pd.DataFrame()
+    if len(mine):
+        mine["ids"] = [context_ids(tokenizer, tokenizer.encode(t, add_special_tokens=False), n_ctx)
+                       for t in mine["prompt"]]
+        conditions = {c: (models[m], clts[k]) for c, (m, k) in CONDITIONS.items() if c != "strong"}
+        out["links"] = link_table(conditions, mine, mid, late_feats[weak], cfg, progress=False)
+    else:
+        out["links"] = pd.DataFrame(columns=["condition", "prompt_id", "link_share", "replacement", "completeness"])
+    steps.update(1)
     steps.close()
     return out
 
@@ -552,12 +567,15 @@ def instrument_agreement(changes: pd.DataFrame, norms: pd.DataFrame, low: float 
     return out
 
 
-def a5_verdicts(verses: pd.DataFrame, weak: str, model: str, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+def a5_verdicts(verses: pd.DataFrame, weak: str, model: str, n_boot: int = 1000, seed: int = 0,
+                links: pd.DataFrame | None = None) -> list[dict]:
     """The A5 rows from the ``verses`` table: for each part (late, middle, early), whether the
     weak-language finetune (finetuned model, stage-wise CLT) raises it beyond the base (base
     model, floor CLT: trained the same budget on the unchanged model) and beyond the mixture
     finetune ("more training"), paired over test verses; and the static part of the claim
-    (the weak language's middle-layer overlap below the other pairs'). The level of the late
+    (the weak language's middle-layer overlap below the other pairs'). ``links`` (the
+    ``links`` table): the same comparisons of the attribution flow, paired over cloze prompts.
+    The level of the late
     and early features against the reference language is shown, not counted: the two sides are
     different feature sets."""
     from .features.words import language_has_words
@@ -586,6 +604,19 @@ def a5_verdicts(verses: pd.DataFrame, weak: str, model: str, n_boot: int = 1000,
                                floor, **common))
         rows.append(paired_row(part, f"{what}, {weak} finetune minus mixture finetune", v(measure, "weak"),
                                v(measure, "mixture"), more, **common))
+    if links is not None and len(links):
+        def lk(condition):
+            return links[links["condition"] == condition].sort_values("prompt_id")["link_share"].to_numpy(dtype=float)
+        what = f"attribution flow from middle-layer features to {weak}'s late language features, share of the graph"
+        rows.append(paired_row("links", f"{what}, {weak} finetune minus base", lk("weak"), lk("base"), floor,
+                               units="cloze prompts", model=model, n_boot=n_boot, seed=seed))
+        rows.append(paired_row("links", f"{what}, {weak} finetune minus mixture finetune", lk("weak"), lk("mixture"),
+                               more, units="cloze prompts", model=model, n_boot=n_boot, seed=seed))
+    else:
+        for against in ("base", "mixture"):
+            rows.append(paired_row("links", f"attribution flow to {weak}'s late language features, finetuned minus "
+                                   f"{against}", [], [], floor, "cloze prompts", model, counted=False,
+                                   note=f"no cloze prompt in {weak}", n_boot=n_boot, seed=seed))
     if "middle_other" in set(verses["measure"]):
         rows.append(paired_row("middle layers", f"overlap gap of the pairs with {weak} minus the other pairs, base",
                                v("middle_weak", "base"), v("middle_other", "base"),
@@ -599,3 +630,50 @@ def a5_verdicts(verses: pd.DataFrame, weak: str, model: str, n_boot: int = 1000,
                                    direction="less" if measure == "late" else "greater", counted=False,
                                    note="two different feature sets: a level, not a like-for-like test", **common))
     return rows
+
+
+# ------------------------------------------------------------------ links (attribution graphs)
+def link_share(graph, middle: Sequence[int], late_features: Sequence[tuple[int, int]]) -> float:
+    """In a circuit-tracer graph: the summed |direct effect| of every middle-layer feature node
+    on the late language features' nodes, over the summed |direct effect| into every feature
+    and logit node (the whole graph's flow; unpruned, so that a link is not lost to a
+    threshold)."""
+    adj = graph.adjacency_matrix.float().abs().cpu()
+    feats = graph.active_features[graph.selected_features].cpu()        # [n, 3]: layer, pos, feature
+    n_feat = feats.shape[0]
+    layer, feature = feats[:, 0], feats[:, 2]
+    mid = torch.isin(layer, torch.tensor(list(middle), dtype=layer.dtype))
+    late = torch.zeros(n_feat, dtype=torch.bool)
+    for l, f in late_features:
+        late |= (layer == l) & (feature == f)
+    total = adj[:n_feat].sum() + adj[-len(graph.logit_targets):].sum()
+    if not late.any() or not mid.any() or total <= 0:
+        return 0.0
+    return float(adj[:n_feat][late][:, :n_feat][:, mid].sum() / total)
+
+
+def link_table(conditions: Mapping[str, tuple], prompts: pd.DataFrame, middle: Sequence[int],
+               late_features: Sequence[tuple[int, int]], cfg: Mapping, progress: bool = True) -> pd.DataFrame:
+    """Per cloze prompt (``prompts``: prompt_id, ids, target_token) and condition (name ->
+    (model, clt)): the :func:`link_share` of its logit graph and circuit-tracer's graph scores."""
+    from .graphs.attribution import graph_for_prompt, graph_scores
+    from .graphs.circuit_tracer import build_replacement_model
+    from .viz.progress import progress_bar
+
+    rows = []
+    bar = progress_bar(total=len(conditions) * len(prompts), desc="link graphs", disable=not progress)
+    try:
+        for name, (model, clt) in conditions.items():
+            rm = build_replacement_model(model, clt)
+            try:
+                for p in prompts.itertuples():
+                    graph = graph_for_prompt(rm, torch.tensor(p.ids), int(p.target_token),
+                                             batch_size=cfg.get("graph_batch_size", 64))
+                    rows.append({"condition": name, "prompt_id": int(p.prompt_id),
+                                 "link_share": link_share(graph, middle, late_features), **graph_scores(graph)})
+                    bar.update(1)
+            finally:
+                rm.reset_hooks(including_permanent=True)
+    finally:
+        bar.close()
+    return pd.DataFrame(rows, columns=["condition", "prompt_id", "link_share", "replacement", "completeness"])

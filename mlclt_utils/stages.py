@@ -1037,8 +1037,11 @@ def _finetune_config(preset, key) -> dict:
             raise ValueError(f"diffing.{name} {d[name]!r} is not a language the base model {base} was "
                              f"trained on; allowed: {trained}")
     tokens = int(d["finetune_fraction"] * t["tokens"])
-    training = {**t, "tokens": tokens, "lr": d["finetune_lr_ratio"] * t["lr"], "n_checkpoints": 2,
-                "eval_every": max(1, tokens // (t["batch_size"] * preset["models"]["n_ctx"] * 5))}
+    # validation only before and after, on fewer tokens: in so short a run the evaluation
+    # would otherwise cost as much as the training (the chapter scores on the test split)
+    training = {**t, "tokens": tokens, "lr": d["finetune_lr_ratio"] * t["lr"], "n_checkpoints": 1,
+                "eval_every": max(1, tokens // (t["batch_size"] * preset["models"]["n_ctx"])),
+                "eval_tokens_per_language": min(t["eval_tokens_per_language"], 4096)}
     return {"base_model": base, "variant": key, "weak_language": d["weak_language"],
             "strong_language": d["strong_language"], "languages": list(preset["corpus"]["languages"]),
             "trained_languages": trained, "weights": preset["mixtures"]["weights"],
@@ -1199,6 +1202,7 @@ def _build_crosscoders(ctx: BuildContext):
     the configured layers: relative decoder norms, and the latent-scaling check (Minder et
     al., 2025) of every latent that looks specific to one model, on held-out rows."""
     import pandas as pd
+    import torch
 
     from .artifacts import save_tensors
     from .sae.crosscoder import CrosscoderConfig, latent_scaling, train_crosscoder
@@ -1209,7 +1213,7 @@ def _build_crosscoders(ctx: BuildContext):
     data = ctx.input("data", model_mixture(base))
     n_ctx = model_a.cfg.n_ctx
     train_rows = data["train"]["tokens"][:max(1, cfg["tokens"] // n_ctx)]
-    held = __import__("torch").cat([v[:max(1, cfg["eval_tokens"] // (n_ctx * len(data["validation"])))]
+    held = torch.cat([v[:max(1, cfg["eval_tokens"] // (n_ctx * len(data["validation"])))]
                                     for v in data["validation"].values()])
     norms, scaling, quality = [], [], []
     tensors = {}
@@ -1219,10 +1223,11 @@ def _build_crosscoders(ctx: BuildContext):
                                   train_tokens=cfg["train_tokens"], seed=cfg["seed"])
         cc = train_crosscoder(a, b, cc_cfg, progress=ctx.progress)
         ha, hb = _resid_pairs(model_a, model_b, held, layer)
-        x = __import__("torch").stack([ha, hb], 1)
-        z = cc.encode(x)
-        err = (x - cc.decode(z)).pow(2).sum(-1).sum(0)
-        var = (x - x.mean(0)).pow(2).sum(-1).sum(0)
+        with torch.no_grad():
+            x = torch.stack([ha, hb], 1)
+            z = cc.encode(x)
+            err = (x - cc.decode(z)).pow(2).sum(-1).sum(0)
+            var = (x - x.mean(0)).pow(2).sum(-1).sum(0)
         quality.append({"layer": layer, "fvu_base": float(err[0] / var[0]), "fvu_finetuned": float(err[1] / var[1]),
                         "l0": float((z > 0).float().sum(1).mean()), "dead": float(((z > 0).sum(0) == 0).float().mean())})
         rel = cc.relative_norms().numpy()
@@ -1270,13 +1275,15 @@ def _diffing_config(preset, key) -> dict:
             "min_frequency": f["min_frequency"], "min_concentration": f["min_concentration"],
             "bootstrap": f["bootstrap"], "seed": preset["seed"],
             "eval_tokens_per_language": preset["clt"]["eval_tokens"],
+            "graph_batch_size": preset["graphs"]["batch_size"], "prompts_from": reference_model(preset),
             **{k: d[k] for k in ("floor_quantile", "selection_rows", "reassembly_share", "transplant_draws")}}
 
 
 def _diffing_upstream(preset, key) -> list:
     from .diffing import CLT_VARIANTS, VARIANTS
 
-    return ([("corpus", None), ("tokenizer", None), ("data", model_mixture(key)), ("models", key), ("clt", key)]
+    return ([("corpus", None), ("tokenizer", None), ("data", model_mixture(key)), ("models", key), ("clt", key),
+             ("graphs", reference_model(preset))]
             + [("finetunes", v) for v in VARIANTS] + [("diff_clts", v) for v in CLT_VARIANTS])
 
 
@@ -1289,14 +1296,16 @@ def _build_diffing(ctx: BuildContext):
     clts = {"base": ctx.input("clt", base), **{v: ctx.input("diff_clts", v) for v in
                                               ("stagewise", "floor", "data_only", "mixture", "strong")}}
     choice = ctx.input("finetunes", "weak", part="choice")
+    prompts = ctx.input("graphs", cfg["prompts_from"])["prompts"]
     tables = diffing_tables(models, clts, ctx.input("data", model_mixture(base)), ctx.input("corpus"),
-                            ctx.input("tokenizer"), choice["weak"], cfg, progress=ctx.progress)
+                            ctx.input("tokenizer"), choice["weak"], cfg, prompts=prompts, progress=ctx.progress)
     tables["languages"] = choice["table"]
     _write_tables(ctx.stage, tables)
     write_json(ctx.stage.file("info.json"), {"weak": choice["weak"], "strong": choice["strong"]})
 
 
-DIFFING_TABLES = ("languages", "losses", "changes", "features", "transfer", "verses", "transplant", "selection")
+DIFFING_TABLES = ("languages", "losses", "changes", "features", "transfer", "verses", "transplant", "selection",
+                  "links")
 
 
 def _load_diffing(st: Stage) -> dict:

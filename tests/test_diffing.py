@@ -133,6 +133,24 @@ def test_weak_pair_gaps_separate_pairs_with_the_weak_language():
     assert other.mean() > 0.5 and abs(weak.mean()) < 0.1
 
 
+def test_link_share_on_a_constructed_graph():
+    from types import SimpleNamespace
+
+    from mlclt_utils.diffing import link_share
+
+    # four feature nodes (layer, pos, feature): two middle (layer 1), one late language feature
+    # (layer 2, feature 7), one other late feature; then one logit node
+    feats = torch.tensor([[1, 0, 3], [1, 1, 4], [2, 1, 7], [2, 1, 8]])
+    adj = torch.zeros(5, 5)
+    adj[2, 0], adj[2, 1] = 1.0, -2.0          # middle -> the language feature: |1| + |-2|
+    adj[3, 0] = 4.0                           # middle -> another late feature
+    adj[4, 2], adj[4, 3] = 0.5, 2.5           # features -> logit
+    graph = SimpleNamespace(adjacency_matrix=adj, active_features=feats, selected_features=torch.arange(4),
+                            logit_targets=[0])
+    assert link_share(graph, [1], [(2, 7)]) == pytest.approx(3 / 10)
+    assert link_share(graph, [1], [(2, 9)]) == 0.0                          # not in the graph
+
+
 def _verses(effect_late, n=60, seed=0):
     rng = np.random.default_rng(seed)
     base = rng.normal(1, 0.2, n)
@@ -197,9 +215,12 @@ def test_diffing_stages_on_the_micro_chain(chain_copy):
     torch.testing.assert_close(floor.output_scale, clt.output_scale)
     assert not torch.equal(floor.W_dec[0], clt.W_dec[0])
     stages.build("crosscoders", p, RUN, "s-en50", chain_copy, progress=False)
+    stages.build("graphs", p, RUN, "s-en50", chain_copy, progress=False)
     stages.build("diffing", p, RUN, "s-en50", chain_copy, progress=False)
     out = stages.load("diffing", p, RUN, "s-en50", root=chain_copy)
     assert set(out["losses"]["variant"]) == {"base", *VARIANTS}
     assert set(out["verses"]["measure"]) >= {"late", "middle_weak", "middle_other", "early"}
-    rows = a5_verdicts(out["verses"], out["weak"], "s-en50", n_boot=50)
+    rows = a5_verdicts(out["verses"], out["weak"], "s-en50", n_boot=50, links=out["links"])
     assert {r["verdict"] for r in rows} <= {"holds", "fails", "inconclusive"}
+    parts = {r["statistic"].split(":")[0] for r in rows}
+    assert parts == {"late layers", "middle layers", "early layers", "links"}
