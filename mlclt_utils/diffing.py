@@ -200,53 +200,68 @@ def _layer_acts(model, clt, rows: Tensor, layer: int, batch_size: int = 16) -> l
     return out
 
 
-def word_pieces(tokenizer, rows: Tensor) -> tuple[list[np.ndarray], float]:
-    """``(continues per row, pieces per word over all rows)`` (``features.words``)."""
-    from .features.words import continues_word
+def word_pieces(tokenizer, rows: Tensor, language: str) -> tuple[list[np.ndarray], float]:
+    """``(continues per row, tokens per unit over all rows)``: the continuing-piece rule of
+    ``features.words`` for the language (words, or characters for zh/ja), and tokens per word
+    (per character for zh/ja)."""
+    from .features.words import FRAGMENT, continues_unit, language_has_words
 
     pieces = token_pieces(tokenizer, rows)
-    cont = [continues_word(p) for p in pieces]
-    lettered = sum(sum(any(c.isalpha() for c in t) for t in p) for p in pieces)
-    words = sum(int((np.array([any(c.isalpha() for c in t) for t in p], dtype=bool) & ~c).sum())
-                for p, c in zip(pieces, cont))
-    return cont, (lettered / words if words else float("nan"))
+    cont = [continues_unit(p, language) for p in pieces]
+    if language_has_words(language):
+        lettered = [np.array([any(c.isalpha() for c in t) for t in p], dtype=bool) for p in pieces]
+        units = sum(int((l & ~c).sum()) for l, c in zip(lettered, cont))
+        tokens = sum(int(l.sum()) for l in lettered)
+    else:       # characters: letters of the decoded rows; tokens: those holding a letter or a byte piece
+        units = sum(sum(ch.isalpha() for ch in tokenizer.decode([t for t in row if t not in (BOS_ID, PAD_ID)]))
+                    for row in rows.tolist())
+        tokens = sum(sum(any(c.isalpha() or c == FRAGMENT for c in t) for t in p) for p in pieces)
+    return cont, (tokens / units if units else float("nan"))
 
 
-def reassembly_selection(model, clt, tokenizer, rows: Tensor, layer: int = 0, share: float = 0.8,
-                         min_fires: int = 20) -> tuple[np.ndarray, float]:
-    """``(features, base rate)``: the word-reassembly features of ``layer`` chosen on ``rows``
-    (``features.words.reassembly_features``) and the share of continuing pieces among the
-    rows' tokens (what a share of a feature's firing is read against)."""
+def reassembly_selection(model, clt, tokenizer, rows: Tensor, language: str, layer: int = 0,
+                         share: float = 0.8, min_fires: int = 20) -> tuple[np.ndarray, float]:
+    """``(features, base rate)``: the reassembly features of ``layer`` chosen on ``rows`` of
+    ``language`` (``features.words.reassembly_features``) and the share of continuing pieces
+    among the rows' tokens (what a share of a feature's firing is read against)."""
     from .features.words import reassembly_features
 
     acts = _layer_acts(model, clt, rows, layer)
-    cont, _ = word_pieces(tokenizer, rows)
+    cont, _ = word_pieces(tokenizer, rows, language)
     fired = np.concatenate([a > 0 for a in acts])
     c = np.concatenate(cont)
     return reassembly_features(fired, c, share, min_fires), float(c.mean()) if c.size else float("nan")
 
 
-def piece_activity(model, clt, tokenizer, rows: Tensor, features: Sequence[int], layer: int = 0
-                   ) -> np.ndarray:
+def piece_activity(model, clt, tokenizer, rows: Tensor, features: Sequence[int], language: str,
+                   layer: int = 0) -> np.ndarray:
     """[rows]: the mean activation of ``features`` of ``layer`` over each row's continuing
     pieces (NaN for a row with none, or no features)."""
     if len(features) == 0:
         return np.full(rows.shape[0], np.nan)
     acts = _layer_acts(model, clt, rows, layer)
-    cont, _ = word_pieces(tokenizer, rows)
+    cont, _ = word_pieces(tokenizer, rows, language)
     f = np.asarray(features, dtype=int)
     return np.array([a[c][:, f].mean() if c.any() else np.nan for a, c in zip(acts, cont)])
 
 
 # ------------------------------------------------------------------ causal transplant
-def _swap_hooks(clt_from, clt_to, features: Sequence[tuple[int, int]], bos: Tensor):
-    """Hooks that add, at every target layer's MLP output, sum over ``features`` of
-    a_f (d_f[clt_to] - d_f[clt_from]) in raw units, with a_f read by ``clt_from`` on the
-    forward pass's own MLP inputs; BOS positions (``bos`` [B, P]) are left alone, as the CLT
-    never saw them. Both CLTs share their scaling (one is trained further from the other,
-    scales kept), so the decoder rows compare directly."""
+MOVES = ("decoders", "activations")
+
+
+def _swap_hooks(clt_from, clt_to, features: Sequence[tuple[int, int]], bos: Tensor, move: str = "decoders",
+                donor: Mapping[int, Tensor] | None = None):
+    """Hooks that add, at every target layer's MLP output, the change of the chosen features'
+    write: ``move="decoders"``: a_f (d_f[clt_to] - d_f[clt_from]); ``"activations"``:
+    (a'_f - a_f) d_f[clt_from], with a'_f the donor's activations at the same positions
+    (``donor``: source layer -> [B, P, n] in the order of that layer's features). a_f is read
+    by ``clt_from`` on the forward pass's own MLP inputs; BOS positions (``bos`` [B, P]) are
+    left alone, as the CLT never saw them. Both CLTs share their scaling (one is trained
+    further from the other, scales kept), so decoder rows compare directly."""
     from .clt.evaluate import encode_layer
 
+    if move not in MOVES:
+        raise ValueError(f"move must be one of {MOVES}, got {move!r}")
     cfg = clt_from.cfg
     by_layer: dict[int, list[int]] = {}
     for layer, f in features:
@@ -257,8 +272,12 @@ def _swap_hooks(clt_from, clt_to, features: Sequence[tuple[int, int]], bos: Tens
         feats = torch.tensor(by_layer[layer])
         acts = encode_layer(clt_from, x.to(clt_from.W_enc.dtype), layer)[..., feats]   # [B, P, n]
         acts = acts.masked_fill(bos[..., None], 0.0)
-        delta = (clt_to.W_dec[layer][feats] - clt_from.W_dec[layer][feats]).to(acts.dtype)  # [n, T, d]
-        add = torch.einsum("bpn,ntd->bptd", acts, delta)
+        if move == "decoders":
+            add = torch.einsum("bpn,ntd->bptd", acts, (clt_to.W_dec[layer][feats] - clt_from.W_dec[layer][feats])
+                               .to(acts.dtype))
+        else:
+            change = (donor[layer].to(acts.dtype) - acts).masked_fill(bos[..., None], 0.0)
+            add = torch.einsum("bpn,ntd->bptd", change, clt_from.W_dec[layer][feats].to(acts.dtype))
         for i, k in enumerate(clt_from.target_layers(layer)):
             state[k] = state.get(k, 0) + add[:, :, i] / clt_from.output_scale[k]
         return x
@@ -275,16 +294,29 @@ def _swap_hooks(clt_from, clt_to, features: Sequence[tuple[int, int]], bos: Tens
 
 @torch.no_grad()
 def transplant_losses(model, clt_from, clt_to, features: Sequence[tuple[int, int]], rows: Tensor,
-                      batch_size: int = 16) -> np.ndarray:
-    """Per-row loss of ``model`` with ``features``' decoders moved from ``clt_from``'s to
-    ``clt_to``'s (see :func:`_swap_hooks`); with no features, the model's own loss."""
+                      batch_size: int = 16, move: str = "decoders", donor_model=None) -> np.ndarray:
+    """Per-row loss of ``model`` with ``features`` moved towards the other model (see
+    :func:`_swap_hooks`): their decoders to ``clt_to``'s, or their activations to those that
+    ``clt_to`` reads in ``donor_model`` on the same rows; with no features, the model's own loss."""
     from .clt.evaluate import bos_mask
+    from .features.activations import CLTFeatures
 
+    if move == "activations" and donor_model is None:
+        raise ValueError("moving activations needs the donor model whose activations are moved in")
     device = next(model.parameters()).device
     out = []
     for i in range(0, rows.shape[0], batch_size):
         chunk = rows[i:i + batch_size].to(device)
-        hooks = _swap_hooks(clt_from, clt_to, features, bos_mask(chunk, BOS_ID)) if features else []
+        hooks = []
+        if features:
+            donor = None
+            if move == "activations":
+                acts = CLTFeatures(donor_model, clt_to).activations(chunk)
+                donor = {}
+                for layer in sorted({int(l) for l, _ in features}):
+                    feats = [int(f) for l, f in features if int(l) == layer]
+                    donor[layer] = acts[layer][..., feats]
+            hooks = _swap_hooks(clt_from, clt_to, features, bos_mask(chunk, BOS_ID), move, donor)
         loss = model.run_with_hooks(chunk, fwd_hooks=hooks, return_type="loss", loss_per_token=True)
         out.append(loss.float().mean(1).cpu())
     return torch.cat(out).numpy().astype(float)
@@ -385,7 +417,7 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
     from .features.activations import CLTFeatures, collect_unit_stats
     from .features.parallel import load_parallel
     from .features.tokens import late_layers
-    from .features.words import language_has_words
+    from .features.words import unit_name
     from .viz.progress import progress_bar
 
     langs = list(cfg["trained_languages"])
@@ -403,16 +435,7 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
     out = {"losses": loss_table(losses, "base", n_boot, seed)}
     steps.update(1)
 
-    # 2. feature changes against the noise floor
-    floor = feature_diff(clts["base"], clts["floor"])
-    diffs = {v: changed_features(feature_diff(clts["base"], clts[v]), floor, cfg["floor_quantile"])
-             for v in ("stagewise", "data_only", "mixture", "strong", "floor")}
-    out["changes"] = pd.concat([d.groupby("layer")["changed"].agg(["sum", "size"]).reset_index().assign(variant=v)
-                                for v, d in diffs.items()], ignore_index=True
-                               ).rename(columns={"sum": "changed", "size": "features"})
-    steps.update(1)
-
-    # 3. unit statistics of each condition on the parallel test verses; selection on validation text
+    # 2. unit statistics of each condition on the parallel test verses; selection on validation text
     parallel = load_parallel(cfg["parallel"], langs, corpus=corpus)
     if cfg["max_rows"]:
         parallel = parallel.subset(cfg["max_rows"])
@@ -421,6 +444,22 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
              for c, (m, k) in CONDITIONS.items()}
     sel_rows = {lang: data["validation"][lang][:cfg["selection_rows"]] for lang in langs}
     sel_stats = {lang: collect_unit_stats(CLTFeatures(base_model, clts["base"]), sel_rows[lang], bs) for lang in langs}
+    steps.update(1)
+
+    # 3. feature changes against the noise floor, over the features that fire: a feature that
+    # (almost) never fires keeps a tiny decoder that a few Adam steps turn anywhere, and would
+    # set the floor by its noise alone
+    fires = torch.cat([sum(stats["base"][lang].counts[l] for lang in langs) for l in range(n_layers)]).numpy()
+    live = fires >= cfg.get("min_fires", 10)
+    floor = feature_diff(clts["base"], clts["floor"])[live]
+    diffs = {}
+    for v in ("stagewise", "data_only", "mixture", "strong", "floor"):
+        d = feature_diff(clts["base"], clts[v]).assign(live=live, changed=False)
+        d.loc[live, "changed"] = changed_features(d[live], floor, cfg["floor_quantile"])["changed"].to_numpy()
+        diffs[v] = d
+    out["changes"] = pd.concat([d[d["live"]].groupby("layer")["changed"].agg(["sum", "size"]).reset_index()
+                                .assign(variant=v) for v, d in diffs.items()], ignore_index=True
+                               ).rename(columns={"sum": "changed", "size": "features"})
     steps.update(1)
 
     late = late_layers(n_layers)
@@ -440,20 +479,17 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
         add("middle_weak", c, weak, w)
         add("middle_other", c, weak, o)
     selection = [{"part": "late", "language": lang, "layers": ",".join(map(str, late)),
-                  "features": len(late_feats[lang]), "pieces_per_word": np.nan, "continuing_share": np.nan}
-                 for lang in (weak, ref)]
-    selection.append({"part": "middle", "language": weak, "layers": ",".join(map(str, mid)), "features": np.nan,
-                      "pieces_per_word": np.nan, "continuing_share": np.nan})
+                  "features": len(late_feats[lang])} for lang in (weak, ref)]
+    selection.append({"part": "middle", "language": weak, "layers": ",".join(map(str, mid))})
     for lang, measure in ((weak, "early"), (ref, "early_reference")):
-        if not language_has_words(lang):
-            continue
-        chosen, rate = reassembly_selection(base_model, clts["base"], tokenizer, sel_rows[lang], 0,
+        chosen, rate = reassembly_selection(base_model, clts["base"], tokenizer, sel_rows[lang], lang, 0,
                                             cfg["reassembly_share"])
-        _, ppw = word_pieces(tokenizer, rows[lang])
+        _, ppw = word_pieces(tokenizer, rows[lang], lang)
         selection.append({"part": "early", "language": lang, "layers": "0", "features": len(chosen),
-                          "pieces_per_word": ppw, "continuing_share": rate})
-        for c, (m, k) in CONDITIONS.items():
-            add(measure, c, lang, piece_activity(models[m], clts[k], tokenizer, rows[lang], chosen, 0))
+                          "unit": unit_name(lang), "tokens_per_unit": ppw, "continuing_share": rate})
+        if len(chosen):
+            for c, (m, k) in CONDITIONS.items():
+                add(measure, c, lang, piece_activity(models[m], clts[k], tokenizer, rows[lang], chosen, lang, 0))
     out["verses"] = pd.concat(verse_parts, ignore_index=True)
     out["selection"] = pd.DataFrame(selection)
     steps.update(1)
@@ -485,30 +521,32 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
     moves = diffs["stagewise"].assign(move=lambda d: (1 - d["decoder_cosine"]) + np.log(d["decoder_norm_ratio"]).abs())
     n_set = max(1, len(late_feats[weak]))
     mid_set = ([(int(r.layer), int(r.feature)) for r in
-                moves[moves["layer"].isin(middle_layers(n_layers))].nlargest(n_set, "move").itertuples()]
+                moves[moves["live"] & moves["layer"].isin(middle_layers(n_layers))].nlargest(n_set, "move").itertuples()]
                if middle_layers(n_layers) else [])
     sets_ = {"late": late_feats[weak], "middle": mid_set}
     F = clts["base"].cfg.d_features
     rows_w = test[weak]
     tp = []
 
-    def put(direction, set_name, draw, values):
-        tp.append(pd.DataFrame({"direction": direction, "set": set_name, "draw": draw,
+    def put(direction, move, set_name, draw, values):
+        tp.append(pd.DataFrame({"direction": direction, "move": move, "set": set_name, "draw": draw,
                                 "row": np.arange(len(values)), "loss": values}))
 
-    put("base to finetuned", "none", 0, losses["base"][weak])
-    put("base to finetuned", "finetuned model", 0, losses["weak"][weak])
+    put("base to finetuned", "none", "none", 0, losses["base"][weak])
+    put("base to finetuned", "none", "finetuned model", 0, losses["weak"][weak])
+    ends = {"base to finetuned": (base_model, clts["floor"], clts["stagewise"], models["weak"]),
+            "finetuned to base": (models["weak"], clts["stagewise"], clts["floor"], base_model)}
     for name, feats in sets_.items():
         if not feats:
             continue
-        put("base to finetuned", name, 0, transplant_losses(base_model, clts["floor"], clts["stagewise"], feats, rows_w, bs))
-        put("finetuned to base", name, 0, transplant_losses(models["weak"], clts["stagewise"], clts["floor"], feats, rows_w, bs))
-        for d in range(int(cfg["transplant_draws"])):
-            rand = random_features_like(feats, F, feats, rng)
-            put("base to finetuned", f"random {name}", d,
-                transplant_losses(base_model, clts["floor"], clts["stagewise"], rand, rows_w, bs))
-            put("finetuned to base", f"random {name}", d,
-                transplant_losses(models["weak"], clts["stagewise"], clts["floor"], rand, rows_w, bs))
+        draws = [random_features_like(feats, F, feats, rng) for _ in range(int(cfg["transplant_draws"]))]
+        for direction, (m, c_from, c_to, donor) in ends.items():
+            for move in MOVES:
+                run = partial(transplant_losses, m, c_from, c_to, rows=rows_w, batch_size=bs, move=move,
+                              donor_model=donor)
+                put(direction, move, name, 0, run(feats))
+                for d, rand in enumerate(draws):
+                    put(direction, move, f"random {name}", d, run(rand))
     out["transplant"] = pd.concat(tp, ignore_index=True)
     steps.update(1)
 
@@ -529,25 +567,24 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
 
 
 def transplant_summary(transplant: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Per direction and feature set: the share of the base-to-finetuned loss change that moving
-    the features' decoders produces, with a bootstrap interval over rows (random sets: the mean
+    """Per direction, move and feature set: the share of the base-to-finetuned loss change that
+    moving the features produces, with a bootstrap interval over rows (random sets: the mean
     over draws, per row). ``finetuned to base`` reads as the share of the gain it undoes."""
-    def per_row(direction, set_name):
-        t = transplant[(transplant["direction"] == direction) & (transplant["set"] == set_name)]
+    def per_row(t):
         return t.groupby("row")["loss"].mean().sort_index().to_numpy()
 
-    base = per_row("base to finetuned", "none")
-    tuned = per_row("base to finetuned", "finetuned model")
+    ref = transplant[transplant["move"] == "none"]
+    base = per_row(ref[ref["set"] == "none"])
+    tuned = per_row(ref[ref["set"] == "finetuned model"])
     rows = []
-    for (direction, set_name), t in transplant.groupby(["direction", "set"], sort=False):
-        if set_name in ("none", "finetuned model"):
-            continue
-        moved = per_row(direction, set_name)
+    for (direction, move, set_name), t in transplant[transplant["move"] != "none"].groupby(
+            ["direction", "move", "set"], sort=False):
+        moved = per_row(t)
         if direction == "base to finetuned":
             est, lo, hi = closed_share(base, moved, tuned, n_boot, seed)
         else:   # the finetuned model moved back: the share of its gain undone
             est, lo, hi = closed_share(tuned, moved, base, n_boot, seed)
-        rows.append({"direction": direction, "set": set_name, "share": est, "low": lo, "high": hi,
+        rows.append({"direction": direction, "move": move, "set": set_name, "share": est, "low": lo, "high": hi,
                      "draws": int(t["draw"].nunique()), "rows": len(moved)})
     return pd.DataFrame(rows)
 
@@ -578,8 +615,6 @@ def a5_verdicts(verses: pd.DataFrame, weak: str, model: str, n_boot: int = 1000,
     The level of the late
     and early features against the reference language is shown, not counted: the two sides are
     different feature sets."""
-    from .features.words import language_has_words
-
     def v(measure, condition):
         t = verses[(verses["measure"] == measure) & (verses["condition"] == condition)]
         return t.sort_values("row")["value"].to_numpy(dtype=float)
@@ -594,8 +629,8 @@ def a5_verdicts(verses: pd.DataFrame, weak: str, model: str, n_boot: int = 1000,
                                 ("early", "early layers",
                                  f"activity of the first layer's word-reassembly features on {weak}'s continuing pieces")):
         if measure not in set(verses["measure"]):
-            note = (f"{weak} is written without spaces: the continuing-piece rule does not apply"
-                    if measure == "early" and not language_has_words(weak) else "not measured")
+            note = (f"no word-reassembly feature of {weak} passes the rule on validation text"
+                    if measure == "early" else f"no late language feature of {weak}")
             for against in ("base", "mixture"):
                 rows.append(paired_row(part, f"{what}, finetuned minus {against}", [], [], floor, "verses", model,
                                        counted=False, note=note, n_boot=n_boot, seed=seed))

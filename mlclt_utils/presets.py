@@ -150,7 +150,7 @@ _BASE: dict[str, Any] = {
         "weak_language": None,         # None: the trained language whose loss trails the reference most
         "strong_language": None,       # None: the other trained language with the lowest loss (a control)
         "finetune_fraction": 0.1,      # tokens of each finetune: this share of training.tokens
-        "finetune_lr_ratio": 0.3,      # peak learning rate of a finetune: this x training.lr
+        "finetune_lr_ratio": 0.1,      # peak learning rate of a finetune: this x training.lr (the final rate of pretraining)
         "clt_fraction": 0.1,           # further CLT training: this share of clt.train_tokens
         "floor_quantile": 0.99,        # a feature changed: its decoder moved beyond this quantile of the floor
         "selection_rows": 200,         # validation rows per language that choose the late and early features

@@ -56,6 +56,33 @@ def test_moving_a_last_layer_decoder_adds_exactly_activation_times_the_decoder_c
         np.testing.assert_allclose(row_losses(model, ROWS), _hand_loss(model(ROWS), ROWS), rtol=0, atol=1e-5)
 
 
+def test_moving_activations_adds_exactly_the_activation_change_times_the_decoder():
+    model, clt = tiny_model(), tiny_clt()
+    donor = tiny_model(seed=1)
+    last = L - 1
+    name = f"blocks.{last}.{clt.cfg.input_hook}"
+    with torch.no_grad():
+        acts = {}
+        for key, m in (("own", model), ("donor", donor)):
+            _, cache = m.run_with_cache(ROWS, names_filter=[name])
+            acts[key] = encode_layer(clt, cache[name], last)
+    f = int((acts["own"] - acts["donor"])[:, 1:].abs().sum((0, 1)).argmax())
+    write = (acts["donor"][..., f, None] - acts["own"][..., f, None]) * clt.W_dec[last][f, 0] / clt.output_scale[last]
+    write[:, 0] = 0
+    assert write.abs().sum() > 0
+    with torch.no_grad():
+        expected = model.run_with_hooks(ROWS, fwd_hooks=[(f"blocks.{last}.hook_mlp_out",
+                                                          lambda out, hook: out + write.detach())])
+    got = transplant_losses(model, clt, clt, [(last, f)], ROWS, move="activations", donor_model=donor)
+    np.testing.assert_allclose(got, _hand_loss(expected, ROWS), rtol=0, atol=1e-5)
+    # the model as its own donor: nothing moves
+    np.testing.assert_allclose(transplant_losses(model, clt, clt, [(l, 1) for l in range(L)], ROWS,
+                                                 move="activations", donor_model=model),
+                               row_losses(model, ROWS), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="donor model"):
+        transplant_losses(model, clt, clt, [(last, f)], ROWS, move="activations")
+
+
 def test_weak_and_strong_languages_are_chosen_from_the_loss_and_untrained_ones_refused():
     val = {"en": 3.0, "fr": 4.0, "zh": 5.5, "de": 3.9}
     weak, strong, table = choose_languages(val, ["en", "fr", "zh", "de"])
@@ -101,8 +128,8 @@ def test_transplant_summary_reads_both_directions():
     parts = [("base to finetuned", "none", 0, 2.0), ("base to finetuned", "finetuned model", 0, 1.0),
              ("base to finetuned", "late", 0, 1.75), ("finetuned to base", "late", 0, 1.5),
              ("base to finetuned", "random late", 0, 2.0), ("base to finetuned", "random late", 1, 1.8)]
-    t = pd.concat([pd.DataFrame({"direction": d, "set": s, "draw": k, "row": rows, "loss": v})
-                   for d, s, k, v in parts])
+    t = pd.concat([pd.DataFrame({"direction": d, "move": "none" if s in ("none", "finetuned model") else "decoders",
+                                 "set": s, "draw": k, "row": rows, "loss": v}) for d, s, k, v in parts])
     got = transplant_summary(t, n_boot=100).set_index(["direction", "set"])
     assert got.loc[("base to finetuned", "late"), "share"] == pytest.approx(0.25)
     assert got.loc[("finetuned to base", "late"), "share"] == pytest.approx(0.5)       # half the gain undone
@@ -219,7 +246,10 @@ def test_diffing_stages_on_the_micro_chain(chain_copy):
     stages.build("diffing", p, RUN, "s-en50", chain_copy, progress=False)
     out = stages.load("diffing", p, RUN, "s-en50", root=chain_copy)
     assert set(out["losses"]["variant"]) == {"base", *VARIANTS}
-    assert set(out["verses"]["measure"]) >= {"late", "middle_weak", "middle_other", "early"}
+    assert set(out["verses"]["measure"]) >= {"late", "middle_weak", "middle_other"}
+    early = out["selection"][(out["selection"]["part"] == "early") & (out["selection"]["language"] == "fr")]
+    assert ("early" in set(out["verses"]["measure"])) == bool(early["features"].iloc[0] > 0)
+    assert set(out["transplant"]["move"]) <= {"none", "decoders", "activations"}
     rows = a5_verdicts(out["verses"], out["weak"], "s-en50", n_boot=50, links=out["links"])
     assert {r["verdict"] for r in rows} <= {"holds", "fails", "inconclusive"}
     parts = {r["statistic"].split(":")[0] for r in rows}

@@ -31,3 +31,22 @@ def test_reassembly_features_fire_mostly_on_continuing_pieces():
     with pytest.raises(ValueError, match="tokens, features"):
         reassembly_features(fired[:, 0], continues)
     assert not language_has_words("zh") and language_has_words("fr")
+
+
+def test_continuing_character_pieces_of_a_byte_level_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mlclt_utils.features.words import continues_character, continues_unit, unit_name
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["起初神创造天地"] * 20 + ["神"] * 50,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ids = tok.encode("神龘神").ids                      # 龘 never seen: its three bytes stay apart
+    pieces = [tok.decode([i]) for i in ids]
+    assert pieces[0] == "神" and pieces[-1] == "神" and len(pieces) == 5
+    assert continues_character(pieces).tolist() == [False, False, True, True, False]
+    assert continues_unit(pieces, "zh").tolist() == continues_character(pieces).tolist()
+    assert continues_unit([" the", "re"], "en").tolist() == [False, True]
+    assert (unit_name("zh"), unit_name("fr")) == ("character", "word")

@@ -4,8 +4,12 @@ the "early layers reassemble the words of a badly tokenised language" part of cl
 A token *continues a word* when its text starts with a letter (no leading space or
 punctuation) and the text before it ends with a letter: "remem|bered" -> "bered" continues,
 " the" and "," do not. The rule needs spaces between words, so it is defined for languages
-written with them; for Chinese and Japanese every character is its own unit and the rule
-returns nothing (``None``): the chapter leaves them out of this part and says so.
+written with them. For Chinese and Japanese the unit is the character, and what a byte-level
+tokenizer splits is a character it has no token for: its bytes fall into two or more tokens,
+each of which decodes alone to the replacement character U+FFFD. A token *continues a
+character* when its text starts with U+FFFD and the token before it ends with one
+(:func:`continues_character`); :func:`continues_unit` picks the rule for a language. This is
+what chapter 01's fertility table counts as a multi-piece character.
 
 A *word-reassembly feature* fires mostly (``share``) on continuing pieces, over at least
 ``min_fires`` tokens; the base rate of continuing pieces in the same text is the control a
@@ -20,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 NO_SPACES = {"zh", "ja"}
+FRAGMENT = "\ufffd"            # what a byte-level tokenizer decodes an incomplete character to
 
 
 def _letter(ch: str) -> bool:
@@ -34,6 +39,25 @@ def continues_word(pieces: Sequence[str]) -> np.ndarray:
         out[i] = bool(p) and _letter(p[0]) and bool(before) and _letter(before[-1])
         before = (before + p)[-1:] if p else before
     return out
+
+
+def continues_character(pieces: Sequence[str]) -> np.ndarray:
+    """For each token text of one row, whether it continues a character split into byte
+    pieces (it starts with U+FFFD and the token before it ends with one)."""
+    out = np.zeros(len(pieces), dtype=bool)
+    for i in range(1, len(pieces)):
+        out[i] = pieces[i].startswith(FRAGMENT) and pieces[i - 1].endswith(FRAGMENT)
+    return out
+
+
+def continues_unit(pieces: Sequence[str], language: str) -> np.ndarray:
+    """:func:`continues_word` for languages written with spaces, :func:`continues_character`
+    for those without (zh, ja)."""
+    return continues_word(pieces) if language_has_words(language) else continues_character(pieces)
+
+
+def unit_name(language: str) -> str:
+    return "word" if language_has_words(language) else "character"
 
 
 def pieces_per_word(pieces: Sequence[str]) -> float:

@@ -497,10 +497,12 @@ def relative_norm_figure(norms: pd.DataFrame):
 
 def transplant_figure(summary: pd.DataFrame):
     """Share of the finetuning gain closed (base to finetuned) or undone (finetuned to base) by
-    moving a feature set's decoders, with 95 % intervals, against random sets of equal size."""
-    fig, axes = panels(1, height=2.6)
+    moving a feature set's decoders or activations, with 95 % intervals, against random sets of
+    equal size (grey)."""
+    fig, axes = panels(1, height=1.0 + 0.22 * len(summary))
     ax = axes[0]
-    labels = [f"{d}: {s}" for d, s in zip(summary["direction"], summary["set"])]
+    moves = summary["move"] if "move" in summary else [""] * len(summary)
+    labels = [f"{d}: {m} of {s}" if m else f"{d}: {s}" for d, m, s in zip(summary["direction"], moves, summary["set"])]
     y = np.arange(len(summary))[::-1]
     colours = ["grey" if s.startswith("random") else "#d62728" for s in summary["set"]]
     for yi, c, (_, r) in zip(y, colours, summary.iterrows()):
