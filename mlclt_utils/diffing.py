@@ -520,20 +520,22 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
     rng = np.random.default_rng(seed)
     moves = diffs["stagewise"].assign(move=lambda d: (1 - d["decoder_cosine"]) + np.log(d["decoder_norm_ratio"]).abs())
     n_set = max(1, len(late_feats[weak]))
-    mid_set = ([(int(r.layer), int(r.feature)) for r in
-                moves[moves["live"] & moves["layer"].isin(middle_layers(n_layers))].nlargest(n_set, "move").itertuples()]
-               if middle_layers(n_layers) else [])
+    # middle features that fire on the weak language's own verses (a feature silent there
+    # cannot change its loss), those whose decoders moved most
+    weak_fires = torch.cat([stats["base"][weak].counts[l] for l in range(n_layers)]).numpy() >= cfg.get("min_fires", 10)
+    candidates = moves[moves["live"] & weak_fires & moves["layer"].isin(middle_layers(n_layers))]
+    mid_set = [(int(r.layer), int(r.feature)) for r in candidates.nlargest(n_set, "move").itertuples()]
     sets_ = {"late": late_feats[weak], "middle": mid_set}
     F = clts["base"].cfg.d_features
-    rows_w = test[weak]
+    rows_w = test[weak][:cfg.get("transplant_rows")]
     tp = []
 
     def put(direction, move, set_name, draw, values):
         tp.append(pd.DataFrame({"direction": direction, "move": move, "set": set_name, "draw": draw,
                                 "row": np.arange(len(values)), "loss": values}))
 
-    put("base to finetuned", "none", "none", 0, losses["base"][weak])
-    put("base to finetuned", "none", "finetuned model", 0, losses["weak"][weak])
+    put("base to finetuned", "none", "none", 0, losses["base"][weak][:len(rows_w)])
+    put("base to finetuned", "none", "finetuned model", 0, losses["weak"][weak][:len(rows_w)])
     ends = {"base to finetuned": (base_model, clts["floor"], clts["stagewise"], models["weak"]),
             "finetuned to base": (models["weak"], clts["stagewise"], clts["floor"], base_model)}
     for name, feats in sets_.items():

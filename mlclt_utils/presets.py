@@ -159,7 +159,8 @@ _BASE: dict[str, Any] = {
         "crosscoder_k": 16,
         "crosscoder_tokens": 40_000,   # paired activation vectors per crosscoder (cycled as trained)
         "crosscoder_train_tokens": 200_000,
-        "transplant_draws": 5,         # random-feature control sets of the causal transplant
+        "transplant_draws": 5,         # random-feature control sets of the causal transplant ...
+        "transplant_rows": 128,        # ... and the weak language's test rows it is scored on
     },
     # the bilingual run of chapter 09 (paper B): its own corpus, tokenizer, data and models,
     # built by the same stages under the run name "<run>-bilingual" (see bilingual_preset)

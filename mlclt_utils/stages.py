@@ -1276,7 +1276,8 @@ def _diffing_config(preset, key) -> dict:
             "bootstrap": f["bootstrap"], "seed": preset["seed"],
             "eval_tokens_per_language": preset["clt"]["eval_tokens"],
             "graph_batch_size": preset["graphs"]["batch_size"], "prompts_from": reference_model(preset),
-            **{k: d[k] for k in ("floor_quantile", "selection_rows", "reassembly_share", "transplant_draws")}}
+            **{k: d[k] for k in ("floor_quantile", "selection_rows", "reassembly_share", "transplant_draws",
+                                 "transplant_rows")}}
 
 
 def _diffing_upstream(preset, key) -> list:
