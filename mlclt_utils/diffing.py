@@ -520,11 +520,14 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
     rng = np.random.default_rng(seed)
     moves = diffs["stagewise"].assign(move=lambda d: (1 - d["decoder_cosine"]) + np.log(d["decoder_norm_ratio"]).abs())
     n_set = max(1, len(late_feats[weak]))
-    # middle features that fire on the weak language's own verses (a feature silent there
-    # cannot change its loss), those whose decoders moved most
-    weak_fires = torch.cat([stats["base"][weak].counts[l] for l in range(n_layers)]).numpy() >= cfg.get("min_fires", 10)
-    candidates = moves[moves["live"] & weak_fires & moves["layer"].isin(middle_layers(n_layers))]
-    mid_set = [(int(r.layer), int(r.feature)) for r in candidates.nlargest(n_set, "move").itertuples()]
+    # middle features that changed beyond the floor, those firing most on the weak language's
+    # own verses first (a feature silent there cannot change its loss); then unchanged ones
+    weak_count = torch.cat([stats["base"][weak].counts[l] for l in range(n_layers)]).numpy()
+    candidates = moves.assign(weak_count=weak_count)
+    candidates = candidates[candidates["live"] & (weak_count >= cfg.get("min_fires", 10))
+                            & candidates["layer"].isin(middle_layers(n_layers))]
+    candidates = candidates.sort_values(["changed", "weak_count"], ascending=False).head(n_set)
+    mid_set = [(int(r.layer), int(r.feature)) for r in candidates.itertuples()]
     sets_ = {"late": late_feats[weak], "middle": mid_set}
     F = clts["base"].cfg.d_features
     rows_w = test[weak][:cfg.get("transplant_rows")]

@@ -218,6 +218,7 @@ def train_step(net, optimizer, params, tokens: torch.Tensor, lr: float, grad_cli
 
 
 @torch.no_grad()
+@torch.no_grad()
 def eval_loss_per_language(model, eval_sets: Mapping[str, torch.Tensor], batch_size: int = 32
                            ) -> dict[str, float]:
     """Mean next-token cross-entropy per language.
