@@ -1276,6 +1276,7 @@ def _diffing_config(preset, key) -> dict:
             "bootstrap": f["bootstrap"], "seed": preset["seed"],
             "eval_tokens_per_language": preset["clt"]["eval_tokens"],
             "graph_batch_size": preset["graphs"]["batch_size"], "prompts_from": reference_model(preset),
+            "middle_set": "changed beyond the floor, most active on the weak language first",
             **{k: d[k] for k in ("floor_quantile", "selection_rows", "reassembly_share", "transplant_draws",
                                  "transplant_rows")}}
 
