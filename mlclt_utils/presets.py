@@ -158,7 +158,7 @@ _BASE: dict[str, Any] = {
         "crosscoder_expansion": 4,     # latents = this x d_model, at the first, a middle and the last layer
         "crosscoder_k": 16,
         "crosscoder_tokens": 40_000,   # paired activation vectors per crosscoder (cycled as trained)
-        "crosscoder_train_tokens": 200_000,
+        "crosscoder_train_tokens": 120_000,
         "transplant_draws": 5,         # random-feature control sets of the causal transplant ...
         "transplant_rows": 128,        # ... and the weak language's test rows it is scored on
     },
