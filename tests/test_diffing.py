@@ -254,3 +254,4 @@ def test_diffing_stages_on_the_micro_chain(chain_copy):
     assert {r["verdict"] for r in rows} <= {"holds", "fails", "inconclusive"}
     parts = {r["statistic"].split(":")[0] for r in rows}
     assert parts == {"late layers", "middle layers", "early layers", "links"}
+

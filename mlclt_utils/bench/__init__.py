@@ -5,6 +5,7 @@
     python -m mlclt_utils.bench clt ...              # CLT training speed (bench.clt)
     python -m mlclt_utils.bench attribution ...      # seconds and memory per attribution graph
     python -m mlclt_utils.bench sae ...              # SAE training tokens/s, book path vs SAELens per SAE
+    python -m mlclt_utils.bench controls --preset small   # seconds the repeated control draws add (bench.controls)
 
 This module holds what the benchmarks share (threads, the matmul peak, the printed table);
 ``__main__`` dispatches the commands.

@@ -1,4 +1,4 @@
-"""``python -m mlclt_utils.bench {peak,train,clt,attribution,sae}`` (see the package docstring)."""
+"""``python -m mlclt_utils.bench {peak,train,clt,attribution,sae,controls}`` (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ from . import available_cores, measure_matmul_peak
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlclt_utils.bench", description=DOC,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "peak", "clt", "attribution", "sae"])
+    parser.add_argument("command", choices=["train", "peak", "clt", "attribution", "sae", "controls"])
     args, rest = parser.parse_known_args(argv)
+    if args.command == "controls":
+        from .controls import main as controls_main
+
+        return controls_main(rest)
     if args.command == "sae":
         from .sae import main as sae_main
 
