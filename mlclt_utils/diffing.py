@@ -28,6 +28,7 @@ What this module computes, each per verse (or row) so that intervals pair the tw
   the *middle* part;
 * :func:`piece_activity`: word-reassembly features (``features.words``) of the first layer,
   selected on validation text, their activity per test verse: the *early* part;
+* :func:`crosscoder_tables`: the second instrument, a crosscoder on both residual streams;
 * :func:`transplant_losses`: beyond the study, a causal test: in the base model, the chosen
   features' decoders are moved to the finetuned CLT's decoders (through hooks on the real
   model: the MLP outputs change by exactly sum_f a_f (d_f' - d_f)), and the weak language's
@@ -104,12 +105,15 @@ def finetune_mixture(variant: str, languages: Sequence[str], base_share: float,
 
 # ------------------------------------------------------------------ losses
 @torch.no_grad()
-def row_losses(model, rows: Tensor, batch_size: int = 16) -> np.ndarray:
-    """Mean next-token loss of each row [N, n_ctx] (packed evaluation rows, no padding)."""
+def row_losses(model, rows: Tensor, batch_size: int = 16, hooks=None) -> np.ndarray:
+    """Mean next-token loss of each row [N, n_ctx] (packed evaluation rows, no padding);
+    ``hooks``: a function of a batch of rows giving the forward hooks to run it with."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, rows.shape[0], batch_size):
-        loss = model(rows[i:i + batch_size].to(device), return_type="loss", loss_per_token=True)
+        chunk = rows[i:i + batch_size].to(device)
+        loss = model.run_with_hooks(chunk, fwd_hooks=hooks(chunk) if hooks else [], return_type="loss",
+                                    loss_per_token=True)
         out.append(loss.float().mean(1).cpu())
     return torch.cat(out).numpy().astype(float)
 
@@ -233,16 +237,16 @@ def reassembly_selection(model, clt, tokenizer, rows: Tensor, language: str, lay
     return reassembly_features(fired, c, share, min_fires), float(c.mean()) if c.size else float("nan")
 
 
-def piece_activity(model, clt, tokenizer, rows: Tensor, features: Sequence[int], language: str,
+def piece_activity(model, clt, rows: Tensor, features: Sequence[int], continues: Sequence[np.ndarray],
                    layer: int = 0) -> np.ndarray:
     """[rows]: the mean activation of ``features`` of ``layer`` over each row's continuing
-    pieces (NaN for a row with none, or no features)."""
+    pieces (``continues``: per row, from :func:`word_pieces`; NaN for a row with none, or no
+    features)."""
     if len(features) == 0:
         return np.full(rows.shape[0], np.nan)
     acts = _layer_acts(model, clt, rows, layer)
-    cont, _ = word_pieces(tokenizer, rows, language)
     f = np.asarray(features, dtype=int)
-    return np.array([a[c][:, f].mean() if c.any() else np.nan for a, c in zip(acts, cont)])
+    return np.array([a[c][:, f].mean() if c.any() else np.nan for a, c in zip(acts, continues)])
 
 
 # ------------------------------------------------------------------ causal transplant
@@ -292,7 +296,6 @@ def _swap_hooks(clt_from, clt_to, features: Sequence[tuple[int, int]], bos: Tens
     return hooks
 
 
-@torch.no_grad()
 def transplant_losses(model, clt_from, clt_to, features: Sequence[tuple[int, int]], rows: Tensor,
                       batch_size: int = 16, move: str = "decoders", donor_model=None) -> np.ndarray:
     """Per-row loss of ``model`` with ``features`` moved towards the other model (see
@@ -303,23 +306,17 @@ def transplant_losses(model, clt_from, clt_to, features: Sequence[tuple[int, int
 
     if move == "activations" and donor_model is None:
         raise ValueError("moving activations needs the donor model whose activations are moved in")
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, rows.shape[0], batch_size):
-        chunk = rows[i:i + batch_size].to(device)
-        hooks = []
-        if features:
-            donor = None
-            if move == "activations":
-                acts = CLTFeatures(donor_model, clt_to).activations(chunk)
-                donor = {}
-                for layer in sorted({int(l) for l, _ in features}):
-                    feats = [int(f) for l, f in features if int(l) == layer]
-                    donor[layer] = acts[layer][..., feats]
-            hooks = _swap_hooks(clt_from, clt_to, features, bos_mask(chunk, BOS_ID), move, donor)
-        loss = model.run_with_hooks(chunk, fwd_hooks=hooks, return_type="loss", loss_per_token=True)
-        out.append(loss.float().mean(1).cpu())
-    return torch.cat(out).numpy().astype(float)
+    if not features:
+        return row_losses(model, rows, batch_size)
+    layers = sorted({int(l) for l, _ in features})
+
+    def hooks(chunk):
+        donor = None
+        if move == "activations":
+            acts = CLTFeatures(donor_model, clt_to).activations(chunk)
+            donor = {layer: acts[layer][..., [int(f) for l, f in features if int(l) == layer]] for layer in layers}
+        return _swap_hooks(clt_from, clt_to, features, bos_mask(chunk, BOS_ID), move, donor)
+    return row_losses(model, rows, batch_size, hooks)
 
 
 def random_features_like(features: Sequence[tuple[int, int]], n_features: int, exclude, rng
@@ -357,6 +354,54 @@ def crosscoder_summary(relative: np.ndarray, low: float = 0.1, high: float = 0.9
     r = r[np.isfinite(r)]
     return {"latents": int(r.size), "base_only": int((r < low).sum()), "finetuned_only": int((r > high).sum()),
             "shared": int(((r >= low) & (r <= high)).sum())}
+
+
+def crosscoder_tables(model_a, model_b, train_rows: Tensor, held_rows: Tensor, cfg: Mapping,
+                      progress: bool = True) -> tuple[dict[str, pd.DataFrame], dict[str, Tensor]]:
+    """A crosscoder (``sae.crosscoder``) on the residual stream of ``model_a`` (base) and
+    ``model_b`` (finetuned) after each of ``cfg["layers"]``, trained on ``train_rows`` and read
+    on ``held_rows``: ``({"norms", "quality", "scaling"}, weights)``. ``norms``: every latent's
+    relative decoder norm and firing count; ``quality``: FVU per model, L0 and dead share;
+    ``scaling``: the latent-scaling check of every live latent that looks specific (relative
+    norm outside [0.1, 0.9]), for base-only ones with the models' roles exchanged."""
+    from .features.activations import ResidualStream, kept_positions
+    from .sae.crosscoder import CrosscoderConfig, latent_scaling, train_crosscoder
+
+    @torch.no_grad()
+    def resid(model, rows, layer):
+        source, out = ResidualStream(model), []
+        for i in range(0, rows.shape[0], 32):
+            chunk = rows[i:i + 32]
+            out.append(source.activations(chunk)[layer][kept_positions(chunk)])
+        return torch.cat(out)
+
+    norms, scaling, quality, tensors = [], [], [], {}
+    for layer in cfg["layers"]:
+        a, b = resid(model_a, train_rows, layer), resid(model_b, train_rows, layer)
+        cc = train_crosscoder(a, b, CrosscoderConfig(d_in=a.shape[1], d_latent=cfg["expansion"] * a.shape[1],
+                                                     k=cfg["k"], train_tokens=cfg["train_tokens"], seed=cfg["seed"]),
+                              progress=progress)
+        ha, hb = resid(model_a, held_rows, layer), resid(model_b, held_rows, layer)
+        with torch.no_grad():
+            x = torch.stack([ha, hb], 1)
+            z = cc.encode(x)
+            err = (x - cc.decode(z)).pow(2).sum(-1).sum(0)
+            var = (x - x.mean(0)).pow(2).sum(-1).sum(0)
+        quality.append({"layer": layer, "fvu_base": float(err[0] / var[0]), "fvu_finetuned": float(err[1] / var[1]),
+                        "l0": float((z > 0).float().sum(1).mean()), "dead": float(((z > 0).sum(0) == 0).float().mean())})
+        rel, fires = cc.relative_norms().numpy(), (z > 0).sum(0).numpy()
+        norms.append(pd.DataFrame({"layer": layer, "latent": range(len(rel)), "relative_norm": rel, "fires": fires}))
+        b_only = [j for j in range(len(rel)) if rel[j] > 0.9 and fires[j] > 0]
+        a_only = [j for j in range(len(rel)) if rel[j] < 0.1 and fires[j] > 0]
+        if b_only:
+            scaling.append(latent_scaling(cc, ha, hb, b_only).assign(layer=layer, looks="finetuned-only"))
+        if a_only:      # latent_scaling reads b's direction: exchange the models' roles
+            scaling.append(latent_scaling(cc.swapped(), hb, ha, a_only).assign(layer=layer, looks="base-only"))
+        tensors.update({f"layer_{layer}.{k}": v.detach().contiguous() for k, v in cc.state_dict().items()})
+    cols = ["latent", "beta_reconstruction_a", "beta_reconstruction_b", "beta_error_a", "beta_error_b",
+            "nu_reconstruction", "nu_error", "layer", "looks"]
+    return ({"norms": pd.concat(norms, ignore_index=True), "quality": pd.DataFrame(quality),
+             "scaling": pd.concat(scaling, ignore_index=True) if scaling else pd.DataFrame(columns=cols)}, tensors)
 
 
 # ------------------------------------------------------------------ verdicts
@@ -484,12 +529,12 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
     for lang, measure in ((weak, "early"), (ref, "early_reference")):
         chosen, rate = reassembly_selection(base_model, clts["base"], tokenizer, sel_rows[lang], lang, 0,
                                             cfg["reassembly_share"])
-        _, ppw = word_pieces(tokenizer, rows[lang], lang)
+        cont, ppw = word_pieces(tokenizer, rows[lang], lang)
         selection.append({"part": "early", "language": lang, "layers": "0", "features": len(chosen),
                           "unit": unit_name(lang), "tokens_per_unit": ppw, "continuing_share": rate})
         if len(chosen):
             for c, (m, k) in CONDITIONS.items():
-                add(measure, c, lang, piece_activity(models[m], clts[k], tokenizer, rows[lang], chosen, lang, 0))
+                add(measure, c, lang, piece_activity(models[m], clts[k], rows[lang], chosen, cont, 0))
     out["verses"] = pd.concat(verse_parts, ignore_index=True)
     out["selection"] = pd.DataFrame(selection)
     steps.update(1)
@@ -518,12 +563,11 @@ def diffing_tables(models: Mapping, clts: Mapping, data: Mapping, corpus, tokeni
 
     # 5. the causal transplant, on the weak language's test rows
     rng = np.random.default_rng(seed)
-    moves = diffs["stagewise"].assign(move=lambda d: (1 - d["decoder_cosine"]) + np.log(d["decoder_norm_ratio"]).abs())
     n_set = max(1, len(late_feats[weak]))
     # middle features that changed beyond the floor, those firing most on the weak language's
     # own verses first (a feature silent there cannot change its loss); then unchanged ones
     weak_count = torch.cat([stats["base"][weak].counts[l] for l in range(n_layers)]).numpy()
-    candidates = moves.assign(weak_count=weak_count)
+    candidates = diffs["stagewise"].assign(weak_count=weak_count)
     candidates = candidates[candidates["live"] & (weak_count >= cfg.get("min_fires", 10))
                             & candidates["layer"].isin(middle_layers(n_layers))]
     candidates = candidates.sort_values(["changed", "weak_count"], ascending=False).head(n_set)

@@ -1073,6 +1073,8 @@ def diffing_languages(preset, run: str | None = None, root=None) -> dict:
 
 
 def _build_finetune(ctx: BuildContext):
+    import torch
+
     from .artifacts import save_tensors
     from .data.datasets import build_mixture_dataset
     from .diffing import finetune_mixture
@@ -1096,7 +1098,7 @@ def _build_finetune(ctx: BuildContext):
                           info={"model_name": f"{base}-ft-{ctx.key}", "base_model": base,
                                 "finetune": ctx.key, "english_share": share},
                           init_state={k: v.detach().cpu() for k, v in base_model.state_dict().items()})
-    save_tensors(ctx.stage.file("train.safetensors"), {"tokens": train["tokens"].to(__import__("torch").int32),
+    save_tensors(ctx.stage.file("train.safetensors"), {"tokens": train["tokens"].to(torch.int32),
                                                        "language": train["language"]})
     _write_tables(ctx.stage, {"languages": chosen["table"]})
     write_json(ctx.stage.file("choice.json"), {"weak": chosen["weak"], "strong": chosen["strong"],
@@ -1176,92 +1178,24 @@ def _crosscoder_config(preset, key) -> dict:
             "eval_tokens": preset["clt"]["eval_tokens"] // 4}
 
 
-@__import__("torch").no_grad()
-def _resid_pairs(model_a, model_b, rows, layer: int):
-    """[n, d] residual-stream vectors after ``layer`` of both models on the same tokens (BOS
-    positions dropped)."""
-    import torch
-
-    from .clt.activations import kept_mask
-    from .tokenizer import BOS_ID
-
-    name = f"blocks.{layer}.hook_resid_post"
-    keep = kept_mask(rows, BOS_ID)
-    out = []
-    for m in (model_a, model_b):
-        acts = []
-        for i in range(0, rows.shape[0], 32):
-            _, cache = m.run_with_cache(rows[i:i + 32], names_filter=[name])
-            acts.append(cache[name][keep[i:i + 32]].float())
-        out.append(torch.cat(acts))
-    return out
-
-
 def _build_crosscoders(ctx: BuildContext):
     """A BatchTopK crosscoder on the base and the weak finetune's residual stream at each of
-    the configured layers: relative decoder norms, and the latent-scaling check (Minder et
-    al., 2025) of every latent that looks specific to one model, on held-out rows."""
-    import pandas as pd
+    the configured layers (``diffing.crosscoder_tables``)."""
     import torch
 
     from .artifacts import save_tensors
-    from .sae.crosscoder import CrosscoderConfig, latent_scaling, train_crosscoder
+    from .diffing import crosscoder_tables
 
     cfg = ctx.config
-    base = ctx.key
-    model_a, model_b = ctx.input("models", base), ctx.input("finetunes", "weak")
-    data = ctx.input("data", model_mixture(base))
-    n_ctx = model_a.cfg.n_ctx
+    data = ctx.input("data", model_mixture(ctx.key))
+    n_ctx = ctx.preset["models"]["n_ctx"]
     train_rows = data["train"]["tokens"][:max(1, cfg["tokens"] // n_ctx)]
     held = torch.cat([v[:max(1, cfg["eval_tokens"] // (n_ctx * len(data["validation"])))]
-                                    for v in data["validation"].values()])
-    norms, scaling, quality = [], [], []
-    tensors = {}
-    for layer in cfg["layers"]:
-        a, b = _resid_pairs(model_a, model_b, train_rows, layer)
-        cc_cfg = CrosscoderConfig(d_in=a.shape[1], d_latent=cfg["expansion"] * a.shape[1], k=cfg["k"],
-                                  train_tokens=cfg["train_tokens"], seed=cfg["seed"])
-        cc = train_crosscoder(a, b, cc_cfg, progress=ctx.progress)
-        ha, hb = _resid_pairs(model_a, model_b, held, layer)
-        with torch.no_grad():
-            x = torch.stack([ha, hb], 1)
-            z = cc.encode(x)
-            err = (x - cc.decode(z)).pow(2).sum(-1).sum(0)
-            var = (x - x.mean(0)).pow(2).sum(-1).sum(0)
-        quality.append({"layer": layer, "fvu_base": float(err[0] / var[0]), "fvu_finetuned": float(err[1] / var[1]),
-                        "l0": float((z > 0).float().sum(1).mean()), "dead": float(((z > 0).sum(0) == 0).float().mean())})
-        rel = cc.relative_norms().numpy()
-        fires = (z > 0).sum(0).numpy()
-        norms.append(pd.DataFrame({"layer": layer, "latent": range(len(rel)), "relative_norm": rel,
-                                   "fires": fires}))
-        specific = [j for j in range(len(rel)) if (rel[j] > 0.9 or rel[j] < 0.1) and fires[j] > 0]
-        if specific:
-            # latent_scaling reads b's direction; for base-only latents swap the two models
-            b_only = [j for j in specific if rel[j] > 0.9]
-            a_only = [j for j in specific if rel[j] < 0.1]
-            if b_only:
-                scaling.append(latent_scaling(cc, ha, hb, b_only).assign(layer=layer, looks="finetuned-only"))
-            if a_only:
-                swapped = _swapped(cc)
-                scaling.append(latent_scaling(swapped, hb, ha, a_only).assign(layer=layer, looks="base-only"))
-        tensors.update({f"layer_{layer}.{k}": v.detach().contiguous() for k, v in cc.state_dict().items()})
+                      for v in data["validation"].values()])
+    tables, tensors = crosscoder_tables(ctx.input("models", ctx.key), ctx.input("finetunes", "weak"), train_rows,
+                                        held, cfg, progress=ctx.progress)
     save_tensors(ctx.stage.file("crosscoders.safetensors"), tensors)
-    cols = ["latent", "beta_reconstruction_a", "beta_reconstruction_b", "beta_error_a", "beta_error_b",
-            "nu_reconstruction", "nu_error", "layer", "looks"]
-    _write_tables(ctx.stage, {"norms": pd.concat(norms, ignore_index=True), "quality": pd.DataFrame(quality),
-                              "scaling": pd.concat(scaling, ignore_index=True) if scaling else pd.DataFrame(columns=cols)})
-
-
-def _swapped(cc):
-    """The same crosscoder with its two models' roles exchanged."""
-    import copy
-
-    out = copy.deepcopy(cc)
-    with __import__("torch").no_grad():
-        out.W_dec.copy_(cc.W_dec.flip(1))
-        out.W_enc.copy_(cc.W_enc.flip(0))
-        out.b_dec.copy_(cc.b_dec.flip(0))
-    return out
+    _write_tables(ctx.stage, tables)
 
 
 CROSSCODER_TABLES = ("norms", "quality", "scaling")

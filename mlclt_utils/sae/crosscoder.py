@@ -126,6 +126,17 @@ class Crosscoder(nn.Module):
         n = self.decoder_norms().detach()
         return n[:, 1] / n.sum(-1).clamp_min(1e-12)
 
+    def swapped(self) -> "Crosscoder":
+        """The same crosscoder with the two models' roles exchanged (a becomes b)."""
+        import copy
+
+        out = copy.deepcopy(self)
+        with torch.no_grad():
+            out.W_dec.copy_(self.W_dec.flip(1))
+            out.W_enc.copy_(self.W_enc.flip(0))
+            out.b_dec.copy_(self.b_dec.flip(0))
+        return out
+
 
 def train_crosscoder(acts_a: Tensor, acts_b: Tensor, cfg: CrosscoderConfig, progress: bool = False) -> Crosscoder:
     """A crosscoder trained on paired activations ``acts_a``, ``acts_b`` [N, d] (row i: the

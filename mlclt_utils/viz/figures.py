@@ -501,8 +501,7 @@ def transplant_figure(summary: pd.DataFrame):
     equal size (grey)."""
     fig, axes = panels(1, height=1.0 + 0.22 * len(summary))
     ax = axes[0]
-    moves = summary["move"] if "move" in summary else [""] * len(summary)
-    labels = [f"{d}: {m} of {s}" if m else f"{d}: {s}" for d, m, s in zip(summary["direction"], moves, summary["set"])]
+    labels = [f"{d}: {m} of {s}" for d, m, s in zip(summary["direction"], summary["move"], summary["set"])]
     y = np.arange(len(summary))[::-1]
     colours = ["grey" if s.startswith("random") else "#d62728" for s in summary["set"]]
     for yi, c, (_, r) in zip(y, colours, summary.iterrows()):
