@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "start_chapter": "chapter",
+    "end_chapter": "chapter",
     "load_preset": "presets",
     "model_names": "presets",
     "mixture_name": "presets",

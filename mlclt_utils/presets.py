@@ -60,7 +60,7 @@ _BASE: dict[str, Any] = {
         "n_checkpoints": 6,           # log-spaced steps plus the final one
         "eval_every": 50,
         "eval_tokens_per_language": 4096,
-        "bf16_on_gpu": True,
+        "mixed_precision": True,      # on a GPU: bf16 from compute capability 8.0, else fp16 (mlclt_utils.device)
     },
     "clt": {
         "features_per_layer": 256,

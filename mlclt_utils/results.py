@@ -10,6 +10,7 @@ pictures.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Iterable, Mapping
 
@@ -57,6 +58,13 @@ def record(run: str, chapter: str, rows: Iterable[Mapping[str, Any]],
         pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False)
     with atomic_path(st.file("verdicts.csv")) as tmp:
         pd.DataFrame(verdicts, columns=VERDICT_COLUMNS).to_csv(tmp, index=False)
+    from .chapter import _started, run_record, show_run_record
+
+    if _started.get("cfg") is not None:  # a chapter's run: keep how it ran beside its numbers
+        run_info = run_record()
+        with atomic_path(st.file("run.json")) as tmp:
+            tmp.write_text(json.dumps(run_info, indent=1))
+        show_run_record(run_info)
     st.finish({"chapter": chapter}, inputs=inputs or [])
     return st
 

@@ -26,7 +26,7 @@ TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64}
 N_CTX, VOCAB = 16, 300
 TRAINING = dict(tokens=16 * N_CTX * 12, batch_size=16, lr=3e-3, min_lr_ratio=0.1,
                 warmup_fraction=0.1, weight_decay=0.1, grad_clip=1.0, n_checkpoints=4,
-                eval_every=4, eval_tokens_per_language=4 * N_CTX, bf16_on_gpu=True)
+                eval_every=4, eval_tokens_per_language=4 * N_CTX, mixed_precision=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,6 +78,49 @@ def test_fused_training_loss_matches_plain_loss():
     assert abs(fused.item() - plain.item()) < 1e-5
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("act_fn", mconfig.ACT_FNS)
+def test_lean_forward_equals_the_hooked_forward(act_fn):
+    model = mconfig.build_model(mconfig.model_config(TINY, N_CTX, VOCAB, act_fn=act_fn, seed=1))
+    with torch.no_grad():  # non-zero biases and LayerNorm parameters, so each one is checked
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tokens = tiny_data()[0]["tokens"][:5]
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert mtrain.lean_supported(model)
+    hooked = model(tokens, stop_at_layer=TINY["n_layers"])
+    lean = mtrain.lean_residual(model, tokens)
+    assert torch.allclose(lean, hooked, atol=1e-5)
+    weights = torch.randn_like(hooked)
+    expected = torch.autograd.grad((hooked * weights).sum(), params, allow_unused=True)
+    got = torch.autograd.grad((lean * weights).sum(), params, allow_unused=True)
+    assert sum(g is not None for g in got) == len(params) - 4  # all but ln_final and unembed
+    for a, b in zip(got, expected):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_lean_forward_steps_aside_for_hooks_and_other_architectures():
+    model = mconfig.build_model(tiny_cfg())
+    tokens = tiny_data()[0]["tokens"][:4]
+    evals = {"en": tokens}
+    reference = torch.nn.functional.cross_entropy(  # validation loss computed by hand
+        model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
+    assert mtrain.eval_loss_per_language(model, evals, batch_size=3)["en"] == pytest.approx(reference, abs=1e-5)
+    # a hook that changes the forward: both the loss and validation must take the hooked path
+    model.blocks[0].hook_resid_pre.add_hook(lambda x, hook: 2 * x)
+    assert not mtrain.lean_supported(model)
+    assert not mtrain.TrainingLoss(model).lean
+    doubled = torch.nn.functional.cross_entropy(
+        model(tokens)[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
+    assert doubled != pytest.approx(reference, abs=1e-3)
+    assert mtrain.TrainingLoss(model)(tokens).item() == pytest.approx(doubled, abs=1e-5)
+    assert mtrain.eval_loss_per_language(model, evals)["en"] == pytest.approx(doubled, abs=1e-5)
+    model.reset_hooks()
+    assert mtrain.lean_supported(model)
+    relu = mconfig.build_model(mconfig.model_config(TINY, N_CTX, VOCAB, act_fn="gelu"))
+    relu.cfg.act_fn = "relu"  # an activation the lean forward does not know
+    assert not mtrain.lean_supported(relu)
 
 
 def test_config_roundtrip_and_seeded_init():
@@ -263,7 +306,7 @@ WORKER = textwrap.dedent('''
     TINY = {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64}
     TRAINING = dict(tokens=8 * 16 * 5, batch_size=8, lr=1e-3, min_lr_ratio=0.1,
                     warmup_fraction=0.2, weight_decay=0.1, grad_clip=1.0, n_checkpoints=2,
-                    eval_every=5, eval_tokens_per_language=32, bf16_on_gpu=True)
+                    eval_every=5, eval_tokens_per_language=32, mixed_precision=True)
 
     def train(root, name):
         torch.set_num_threads(1)

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--steps", type=int, default=20)
         sub.add_argument("--warmup", type=int, default=3)
         sub.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the preset's)")
-        sub.add_argument("--compile", action="store_true",
-                         help="also time the blocks through torch.compile, beside eager")
+        sub.add_argument("--paths", nargs="+", default=["hooked", "lean"],
+                         help="forward paths timed side by side: hooked, lean, lean+compile")
     opts = sub.parse_args(rest)
     if args.command == "peak":
         threads = opts.threads or available_cores()
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         from .train import run_train_benchmark
 
         run_train_benchmark(opts.presets, opts.sizes, opts.steps, opts.warmup, opts.threads,
-                            opts.device, (False, True) if opts.compile else (False,), opts.batch_size)
+                            opts.device, tuple(opts.paths), opts.batch_size)
 
 
 if __name__ == "__main__":
