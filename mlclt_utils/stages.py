@@ -1154,16 +1154,20 @@ def _build_diff_clt(ctx: BuildContext):
     from .clt.train import train_clt
     from .diffing import CLT_MODEL
 
+    from .device import default_device
+
     cfg = ctx.config
     base = cfg["base_model"]
+    device = ctx.device or default_device()
     clt = ctx.input("clt", base)
-    model = ctx.input("finetunes", CLT_MODEL[ctx.key]) if CLT_MODEL[ctx.key] else ctx.input("models", base)
+    model = (ctx.input("finetunes", CLT_MODEL[ctx.key], device=device) if CLT_MODEL[ctx.key]
+             else ctx.input("models", base, device=device))
     tokens = (ctx.input("finetunes", "weak", part="train") if ctx.key == "data_only"
               else ctx.input("data", model_mixture(base))["train"]["tokens"])
     c = cfg["clt"]
     source = ActivationBuffer(model, tokens, c["batch_tokens"], c["buffer_tokens"], seed=cfg["seed"],
                               context_length=c["context_length"])
-    summary = train_clt(clt, source, cfg["tokens"], c, stage=ctx.stage, seed=cfg["seed"], device="cpu",
+    summary = train_clt(clt, source, cfg["tokens"], c, stage=ctx.stage, seed=cfg["seed"], device=device,
                         progress=ctx.progress, keep_scales=True)
     save_clt(clt.to("cpu"), ctx.stage.path)
     return {"summary": {k: v for k, v in summary.items() if k != "completed"}}

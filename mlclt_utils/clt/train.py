@@ -155,9 +155,10 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
 
     # ------------------------------------------------------------ state -------------
     start = 0
-    last_fire = torch.zeros(L, F, dtype=torch.int64)          # tokens seen at the last firing
-    acc = torch.zeros(3, L, dtype=torch.float64)               # fvu, l0, mse sums since last row
-    acc_loss = torch.zeros(3, dtype=torch.float64)             # total, sparsity, preact sums
+    # running statistics stay on the training device: nothing is copied to the host per step
+    last_fire = torch.zeros(L, F, dtype=torch.int64, device=device)  # tokens seen at the last firing
+    acc = torch.zeros(3, L, dtype=torch.float64, device=device)      # fvu, l0, mse sums since last row
+    acc_loss = torch.zeros(3, dtype=torch.float64, device=device)    # total, sparsity, preact sums
     n_acc = 0
     grad_clip = cfg.get("grad_clip")
     stop_l0 = cfg.get("stop_l0")
@@ -168,7 +169,7 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
         optimizer.load_state_dict(state["optimizer"])
         start, n_acc = int(state["step"]), int(state["n_acc"])
         l0_stopped = bool(state.get("stopped_at_l0", False))
-        last_fire, acc, acc_loss = state["last_fire"], state["acc"], state["acc_loss"]
+        last_fire, acc, acc_loss = (state[k].to(device) for k in ("last_fire", "acc", "acc_loss"))
     elif not keep_scales:
         # normalisation scales from the first global batches (the same on every rank)
         xs, ys = zip(*(source.batch(t) for t in range(min(SCALE_BATCHES, n_steps))))
@@ -186,8 +187,8 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
 
     def save_resume(step: int) -> None:
         if info.is_main and resume_path is not None:
-            blob = {"key": key, "step": step, "n_acc": n_acc, "last_fire": last_fire, "acc": acc,
-                    "acc_loss": acc_loss, "stopped_at_l0": l0_stopped,
+            blob = {"key": key, "step": step, "n_acc": n_acc, "last_fire": last_fire.cpu(), "acc": acc.cpu(),
+                    "acc_loss": acc_loss.cpu(), "stopped_at_l0": l0_stopped,
                     "clt": {k: v.detach().cpu() for k, v in clt.state_dict().items()},
                     "optimizer": optimizer.state_dict()}
             with atomic_path(resume_path) as tmp:
@@ -243,10 +244,10 @@ def train_clt(clt: CrossLayerTranscoder, source, n_tokens: int, cfg: Mapping[str
             torch.nn.utils.clip_grad_norm_(params, float(grad_clip))
         optimizer.step()
         step += 1
-        acc += stats.to("cpu", torch.float64)
-        acc_loss += losses.to("cpu", torch.float64)
+        acc += stats.to(torch.float64)
+        acc_loss += losses.to(torch.float64)
         n_acc += 1
-        last_fire[fire.to("cpu") > 0] = step * B
+        last_fire.masked_fill_(fire > 0, step * B)
         bar.update(1)
         if step % log_every == 0 or step == n_steps or step in ckpts:
             last_row = metrics_row(step, lam)
