@@ -7,9 +7,12 @@ the fraction of the matmul peak measured in the same run. The ``ceiling`` column
 speed the step would reach if every FLOP ran at that peak: no change of kernels can go
 beyond it, only a change of the work (fewer FLOPs per token, lower precision).
 
-Paths: ``hooked`` runs the blocks through TransformerLens' forward (the path before the
-lean forward existed), ``lean`` through ``models.train.lean_residual`` (the default),
-``lean+compile`` through it under ``torch.compile``.
+Paths: ``before`` is the training step as it was before the lean forward: TransformerLens'
+hooked forward, the tanh GELU kernel, and validation over the whole batch's logits in
+16,384-token batches. ``hooked`` is the hooked forward with today's model (exact GELU) and
+validation, ``lean`` the default (``models.train.lean_residual``), ``lean+compile`` the
+lean forward under ``torch.compile``. The validation column is the share of the wall time
+that validation takes at the preset's ``eval_every`` and ``eval_tokens_per_language``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def train_flops_per_token(cfg) -> float:
             + 6 * cfg.d_model * cfg.d_vocab)
 
 
-PATHS = ("hooked", "lean", "lean+compile")
+PATHS = ("before", "hooked", "lean", "lean+compile")
 
 
 def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup: int = 3,
@@ -62,7 +65,8 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
     batch = batch_size or training["batch_size"]
     dev = torch.device(device)
     with _threads(threads):
-        cfg = model_config(sizes[size_name], n_ctx, vocab, seed=0)
+        cfg = model_config(sizes[size_name], n_ctx, vocab, seed=0,
+                           **({"act_fn": "gelu_pytorch_tanh"} if path == "before" else {}))
         model = build_model(cfg)
         model.to(dev, print_details=False)
         training_lib.freeze_key_biases(model)
@@ -90,7 +94,10 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
         languages = len(preset["corpus"]["languages"])
         evals = {f"l{i}": pool[i % 8][:1].expand(eval_rows, n_ctx) for i in range(languages)}
         t0 = time.perf_counter()
-        training_lib.eval_loss_per_language(model, evals, max(1, training_lib.EVAL_BATCH_TOKENS // n_ctx))
+        if path == "before":
+            training_lib.eval_loss_per_language(model, evals, max(1, 16384 // n_ctx), lean=False)
+        else:
+            training_lib.eval_loss_per_language(model, evals, max(1, training_lib.EVAL_BATCH_TOKENS // n_ctx))
         _sync(dev)
         eval_seconds = time.perf_counter() - t0
         threads_used = torch.get_num_threads()
@@ -108,7 +115,7 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
 
 def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, warmup: int = 3,
                         threads: int | None = None, device: str = "cpu",
-                        paths: tuple[str, ...] = ("hooked", "lean"), batch_size: int | None = None
+                        paths: tuple[str, ...] = ("before", "lean"), batch_size: int | None = None
                         ) -> list[dict]:
     """Benchmark every size of each preset (or only ``sizes``), once per entry of ``paths``,
     side by side (the ratio column is each row's speed over the first path's at the same

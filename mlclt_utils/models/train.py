@@ -299,17 +299,18 @@ EVAL_BATCH_TOKENS = 4096
 
 
 @torch.no_grad()
-def eval_loss_per_language(model, eval_sets: Mapping[str, torch.Tensor], batch_size: int = 32
-                           ) -> dict[str, float]:
+def eval_loss_per_language(model, eval_sets: Mapping[str, torch.Tensor], batch_size: int = 32,
+                           lean: bool | None = None) -> dict[str, float]:
     """Mean next-token cross-entropy per language.
 
     Every row of ``eval_sets[lang]`` ([M, n_ctx], starting with BOS) contributes its
     targets at positions 1..n_ctx-1; the BOS position is only an input. The mean is over
-    all those target tokens of the language.
+    all those target tokens of the language. ``lean``: through ``lean_residual`` when the model allows it (None, the default) or
+    never (False: the hooked forward).
     """
     was_training = model.training
     model.eval()
-    lean = lean_supported(model)
+    lean = lean_supported(model) if lean is None else lean and lean_supported(model)
     device = next(model.parameters()).device
     out = {}
     for lang, rows in eval_sets.items():
