@@ -89,7 +89,8 @@ def model_speed(preset_name: str, size_name: str, device: torch.device, steps: i
 
 def projection(preset_name: str, speeds: list[dict]) -> list[dict]:
     """Seconds of training the preset asks for, from measured tokens/s: every model of
-    chapter 02 and a CLT per model in chapter 03."""
+    chapter 02 and a CLT per model in chapter 03 (chapter 03's extra top-k and per-layer
+    transcoders of the reference model, and the models of chapters 08-09, are not counted)."""
     from ..models.config import parse_model_name
     from ..presets import load_preset, model_names
 
