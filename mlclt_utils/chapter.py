@@ -57,7 +57,8 @@ def run_record(cfg: Mapping[str, Any] | None = None) -> dict:
 
 def run_record_html(record: Mapping[str, Any]) -> str:
     wall = record.get("wall_seconds")
-    wall = "?" if wall is None else f"{int(wall // 60)} min {wall % 60:.0f} s"
+    wall = ("?" if wall is None else f"{wall:.0f} s" if wall < 60
+            else f"{int(wall // 60)} min {wall % 60:.0f} s")
     versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
     return (f'<div class="mlclt-run-box">This chapter ran with preset <b>{html.escape(record["preset"])}</b> '
             f'(configuration <code>{record["config_hash"]}</code>) on {html.escape(record["device"])} '

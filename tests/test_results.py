@@ -66,3 +66,21 @@ def test_bad_rows_are_named(tmp_path):
         results.record("r", "03", [{"metric": "x"}], root=tmp_path)
     with pytest.raises(ValueError, match="unknown results fields \\['unit'\\]"):
         results.record("r", "03", [{"metric": "x", "value": 1, "unit": "s"}], root=tmp_path)
+
+
+def test_a_chapter_run_keeps_its_record_beside_its_numbers(tmp_path, monkeypatch):
+    import json
+
+    from mlclt_utils import chapter
+
+    monkeypatch.setattr(chapter, "_started", {})
+    results.record("r", "02", [{"metric": "x", "value": 1}], root=tmp_path)
+    assert not Stage("r", "results/02", tmp_path).file("run.json").exists()  # no chapter started
+    cfg, _ = chapter.start_chapter("tiny", overrides={"training.tokens": 4096})
+    results.record("r", "02", [{"metric": "x", "value": 1}], root=tmp_path)
+    record = json.loads(Stage("r", "results/02", tmp_path).file("run.json").read_text())
+    assert record["preset"] == "tiny" and record["overrides"] == {"training.tokens": 4096}
+    from mlclt_utils.device import describe_device
+
+    assert record["device"] == describe_device() and "torch" in record["versions"] and record["wall_seconds"] >= 0
+    assert record["config_hash"] != chapter.run_record(chapter.start_chapter("tiny")[0])["config_hash"]
