@@ -107,3 +107,23 @@ def test_an_attribution_graph_runs_on_the_device(device):
         assert torch.isfinite(graph.adjacency_matrix).all()
     finally:
         rm.reset_hooks(including_permanent=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_mixed_precision_loss_matches_the_plain_loss(device, dtype):
+    torch.manual_seed(0)
+    model = mconfig.build_model(mconfig.model_config({"n_layers": 2, "d_model": 32, "n_heads": 4, "d_mlp": 64},
+                                                     16, 80)).to(device)
+    tokens = torch.randint(5, 80, (6, 16), device=device)
+    with torch.autocast(device, dtype=dtype):
+        mixed = mtrain.TrainingLoss(model)(tokens)
+    assert mixed.dtype == torch.float32
+    assert mixed.item() == pytest.approx(mtrain.next_token_loss(model, tokens).item(), rel=2e-2)
+
+
+def test_the_lean_forward_equals_the_hooked_forward_on_the_device(device):
+    torch.manual_seed(0)
+    model = mconfig.build_model(mconfig.model_config({"n_layers": 2, "d_model": 32, "n_heads": 4, "d_mlp": 64},
+                                                     16, 80)).to(device)
+    tokens = torch.randint(5, 80, (6, 16), device=device)
+    assert torch.allclose(mtrain.lean_residual(model, tokens), model(tokens, stop_at_layer=2), atol=1e-4)

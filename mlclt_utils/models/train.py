@@ -174,7 +174,7 @@ def lean_residual(model, tokens: torch.Tensor) -> torch.Tensor:
     layer). Here the three attention projections are one matrix product, LayerNorm and GELU
     are single kernels and the causal mask is one additive matrix. PyTorch's
     ``scaled_dot_product_attention`` was slower at these shapes on CPU (64-token contexts),
-    so the attention is two batched products. The parameters are the model's own, so
+    so there the attention is two batched products; on a GPU it is that fused kernel. The parameters are the model's own, so
     gradients reach them and checkpoints keep TransformerLens' layout. Requires
     ``lean_supported(model)``.
     """
@@ -182,7 +182,8 @@ def lean_residual(model, tokens: torch.Tensor) -> torch.Tensor:
     B, n = tokens.shape
     H, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
     approximate = _LEAN_ACTS[cfg.act_fn]
-    mask = torch.full((n, n), float("-inf"), device=tokens.device).triu_(1)
+    on_gpu = tokens.device.type == "cuda"
+    mask = None if on_gpu else torch.full((n, n), float("-inf"), device=tokens.device).triu_(1)
     x = F.embedding(tokens, model.embed.W_E) + model.pos_embed.W_pos[:n]
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
@@ -190,9 +191,12 @@ def lean_residual(model, tokens: torch.Tensor) -> torch.Tensor:
         W_qkv = torch.cat([attn.W_Q, attn.W_K, attn.W_V]).permute(1, 0, 2).reshape(d, 3 * H * dh)
         b_qkv = torch.cat([attn.b_Q, attn.b_K, attn.b_V]).reshape(-1)
         q, k, v = torch.addmm(b_qkv, h, W_qkv).view(B, n, 3, H, dh).permute(2, 0, 3, 1, 4)
-        scores = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
-                               alpha=1.0 / cfg.attn_scale)
-        z = torch.bmm(scores.softmax(-1), v.flatten(0, 1)).view(B, H, n, dh)
+        if on_gpu:  # fused attention kernels; the scale is 1/sqrt(d_head), as attn_scale
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = torch.baddbmm(mask, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+                                   alpha=1.0 / cfg.attn_scale)
+            z = torch.bmm(scores.softmax(-1), v.flatten(0, 1)).view(B, H, n, dh)
         z = z.transpose(1, 2).reshape(B * n, H * dh)
         x = x + torch.addmm(attn.b_O, z, attn.W_O.reshape(H * dh, d)).view(B, n, d)
         h = F.layer_norm(x, (d,), block.ln2.w, block.ln2.b, cfg.eps).reshape(-1, d)
@@ -259,11 +263,11 @@ class TrainingLoss(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if torch.is_autocast_enabled(tokens.device.type):
-            return next_token_loss(m, tokens)
         resid = self.blocks(tokens)  # after the last block
         x = m.ln_final(resid).flatten(0, 1)
         targets = F.pad(tokens[:, 1:], (0, 1), value=-100).flatten()
+        if torch.is_autocast_enabled(tokens.device.type):  # mixed precision: plain logits
+            return F.cross_entropy(m.unembed(x).float(), targets, ignore_index=-100)
         return _UnembedCrossEntropy.apply(x, m.unembed.W_U, m.unembed.b_U, targets, self.chunk)
 
 
