@@ -108,7 +108,8 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
     return {"preset": preset_name, "size": size_name, "n_layers": cfg.n_layers,
             "d_model": cfg.d_model, "params_nonemb": cfg.n_params, "d_vocab": vocab,
             "n_ctx": n_ctx, "batch_size": batch, "steps": steps, "threads": threads_used,
-            "path": path, "precision": precision.name, "validation_share": eval_seconds / (eval_seconds + training["eval_every"] * seconds / steps),
+            "path": path, "precision": precision.name,
+            "validation_share": eval_seconds / (eval_seconds + training["eval_every"] * seconds / steps),
             "ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens / seconds,
             "gflop_per_s": flops / seconds / 1e9, "final_loss": float(loss)}
 
