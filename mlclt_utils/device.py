@@ -14,9 +14,12 @@ from dataclasses import dataclass
 import torch
 
 
-def default_device() -> str:
-    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def default_device(local_rank: int | None = None) -> str:
+    """``"cuda"`` when a GPU is visible (``"cuda:<local_rank>"``, this process's card,
+    under torchrun), else ``"cpu"``."""
+    if torch.cuda.is_available():
+        return "cuda" if local_rank is None else f"cuda:{local_rank}"
+    return "cpu"
 
 
 def describe_device(device: str | torch.device | None = None) -> str:

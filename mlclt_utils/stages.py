@@ -578,10 +578,11 @@ def _build_clt(ctx: BuildContext):
     from .clt.formats import save_clt
     from .clt.model import CLTConfig, CrossLayerTranscoder
     from .clt.train import train_clt
+    from .device import default_device
 
     cfg, seed = ctx.config["clt"], int(ctx.config["seed"])
     info = distributed.current()
-    device = ctx.device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = ctx.device or default_device(info.local_rank)
     tokens = ctx.input("data", model_mixture(ctx.key))["train"]["tokens"]
     model = ctx.input("models", ctx.key, device=device)
     source = ActivationBuffer(model, tokens, cfg["batch_tokens"], cfg["buffer_tokens"], seed=seed,

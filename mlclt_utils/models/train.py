@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..artifacts import (METRICS_FILE, RESUME_FILE, atomic_path, config_hash, read_jsonl, save_tensors,
                          write_json)
-from ..device import FLOAT32, Precision, training_precision
+from ..device import FLOAT32, Precision, default_device, training_precision
 from .config import TRAINING_KEYS, build_model, config_to_dict
 
 # ----------------------------------------------------------------------------- schedule
@@ -432,13 +432,6 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoints/step_{step:07d}.safetensors"
 
 
-def default_device(info: distributed.DistInfo | None = None) -> str:
-    """``cuda`` (this rank's card under torchrun) when a GPU is visible, else ``cpu``."""
-    if torch.cuda.is_available():
-        return f"cuda:{info.local_rank}" if info is not None else "cuda"
-    return "cpu"
-
-
 def train_model(stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
                 eval_sets: Mapping[str, torch.Tensor], training: Mapping[str, Any], seed: int = 0,
                 device: str | None = None, languages: list[str] | None = None,
@@ -461,7 +454,7 @@ def train_model(stage, model_cfg, train_tensors: Mapping[str, torch.Tensor],
     """
     _check_training(training)
     dist = distributed.init_distributed(device)
-    device = torch.device(device or default_device(dist if dist.enabled else None))
+    device = torch.device(device or default_device(dist.local_rank if dist.enabled else None))
     if dist.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank)
     n_ctx, d_vocab = model_cfg.n_ctx, model_cfg.d_vocab
