@@ -96,6 +96,16 @@ _BASE: dict[str, Any] = {
         "stop_l0": None,
         "grad_clip": None,
     },
+    # where the models and CLTs come from (mlclt_utils.sources): None trains them (chapters
+    # 02-03); otherwise a hub name or local folder per model, e.g. the template
+    # "CausalNLP/gpt2-hf_multilingual-{share}" ({share}: the English percent, {size}, {name})
+    "source": {
+        "models": None,               # transformers GPT-2 checkpoints with their tokenizer
+        "clts": None,                 # CLTs in the featflow layout: "repo", "repo:subfolder" or a folder
+        "revision": None,             # hub revision of every hub name (None: the default branch)
+        "clt_dtype": "float32",       # "bfloat16" / "float16" halve a loaded CLT's memory
+        "clt_input_convention": "ln2",  # what a loaded CLT's encoder reads (clt.formats.INPUT_CONVENTIONS)
+    },
     # statistics over units on the parallel set (chapters 04-05)
     "features": {
         "parallel": None,              # None: the corpus's parallel verses; a .jsonl file; "hf:NAME"
@@ -121,6 +131,12 @@ _BASE: dict[str, Any] = {
         "edge_threshold": 0.98,        # ... and edges
         "max_feature_nodes": None,     # cap on feature nodes per graph (None: all active ones)
         "batch_size": 64,              # source nodes per backward pass (64 beat 256 on CPU: bench attribution)
+        # None: cloze prompts mined from the corpus; else given prompts (prompt, language, target,
+        # concept): a JSON-lines prompt file, or "hf:NAME" (a hub dataset such as the study's
+        # CausalNLP/multilingual_antonym_completion, or a saved folder) with prompt_columns
+        # mapping those fields to its columns
+        "prompt_source": None,
+        "prompt_columns": None,
     },
     # switching the output language by steering language features (chapter 07)
     "interventions": {
@@ -263,6 +279,22 @@ PRESETS: dict[str, dict] = {
                       "sae_dead_window_tokens": 500_000, "context_rows": 1000,
                       "stitch_batches": 10, "stitch_rows": 32},
     }),
+    # The multilingual-CLT study's released models (GPT-2 small shape, trained on the five
+    # languages with 20-90 % English), loaded from the hub instead of trained; one GPU.
+    # Their CLTs (collection CausalNLP/multilingual-clts) are given with
+    # --param 'source.clts=<repository>[:<subfolder>]' (a {share} template), else chapter 03
+    # trains CLTs on them.
+    "causalnlp": _preset({
+        "version": 1,
+        "mixtures": {"english_shares": [0.2, 0.5, 0.7, 0.9]},
+        "models": {"n_ctx": 128, "sizes": {
+            "s": {"n_layers": 12, "d_model": 768, "n_heads": 12, "d_mlp": 3072}}},
+        "source": {"models": "CausalNLP/gpt2-hf_multilingual-{share}", "clt_dtype": "bfloat16"},
+        "clt": {"features_per_layer": 8192, "train_tokens": 20_000_000, "batch_tokens": 4096,
+                "buffer_tokens": 1_048_576, "eval_tokens": 131_072, "lr": 2e-4 * 4},
+        "features": {"retrieval_rows": 500},
+        "neurons": {"max_rows": 500, "ablation_tokens": 32_768},
+    }),
     # GPT-2 small scale, several GPUs (torchrun).
     "paper": _preset({
         "version": 1,
@@ -366,7 +398,10 @@ def validate(preset: Mapping[str, Any]) -> None:
     if models["size_comparison_share"] not in shares:
         raise ValueError(f"models.size_comparison_share {models['size_comparison_share']} is not "
                          f"one of the mixtures' English shares {shares}")
+    from .sources import check_source_section
     from .tokenizer import check_vocab_size
+
+    check_source_section(preset["source"])
 
     check_vocab_size(preset["tokenizer"]["vocab_size"])
 
@@ -474,6 +509,7 @@ def bilingual_preset(preset: Mapping[str, Any]) -> dict:
     out["models"]["size_comparison_share"] = share
     out["training"]["tokens"] = bi["tokens"]
     out["training"]["n_checkpoints"] = bi["n_checkpoints"]
+    out["source"] = copy.deepcopy(_BASE["source"])   # the bilingual models are always trained
     validate(out)
     return out
 

@@ -247,6 +247,59 @@ def cloze_prompts(model, concepts, verses: Mapping[str, Sequence[str]], keys: Se
                                        "target_token", "p_target", "answered"])
 
 
+def scored_prompts(model, records: Sequence[Mapping[str, Any]], languages: Sequence[str]):
+    """Given prompts (a prompt file's or dataset's records, each with ``prompt``,
+    ``language``, ``target`` and ``concept``) in ``cloze_prompts``' table, scored by the model
+    in the same way: ``target_token`` is the first token of the target as it follows the
+    prompt. Records in other languages are left out; a record without a target or concept,
+    or whose target merges into the prompt's last token, is refused with its index.
+    Returns (prompts, concepts): the table and the concept x language table of targets."""
+    import pandas as pd
+    import torch
+
+    tok = model.tokenizer
+    rows = []
+    for i, r in enumerate(records):
+        if r["language"] not in languages:
+            continue
+        missing = [f for f in ("target", "concept") if not r.get(f)]
+        if missing:
+            raise ValueError(f"prompt record {i}: field {missing[0]!r} is missing; graphs of given "
+                             "prompts need a target and a concept (the same concept across languages)")
+        ids = tok.encode(r["prompt"], add_special_tokens=False)
+        whole = tok.encode(r["prompt"] + r["target"], add_special_tokens=False)
+        if whole[:len(ids)] != ids or len(whole) == len(ids):
+            raise ValueError(f"prompt record {i}: the target {r['target']!r} merges with the prompt's "
+                             "last token; end the prompt where the target's first token begins")
+        first = whole[len(ids)]
+        with torch.no_grad():
+            logits = model(torch.tensor([context_ids(tok, ids, model.cfg.n_ctx - 1)],
+                                        device=model.cfg.device))[0, -1].float()
+        rows.append({"concept": r["concept"], "language": r["language"], "verse": r.get("id", str(i)),
+                     "prompt": r["prompt"], "target": r["target"].strip(), "target_token": first,
+                     "p_target": float(torch.softmax(logits, -1)[first]),
+                     "answered": int(logits.argmax()) == first})
+    if not rows:
+        raise ValueError(f"no given prompt is in this run's languages {list(languages)}")
+    prompts = pd.DataFrame(rows)
+    concepts = prompts.pivot_table(index="concept", columns="language", values="target", aggfunc="first")
+    return prompts, concepts.reindex(columns=list(languages))
+
+
+def load_given_prompts(where: str, columns: Mapping[str, str] | None = None,
+                       split: str = "train") -> list[dict]:
+    """Prompt records from a JSON-lines prompt file (``read_prompts``) or, for
+    ``"hf:NAME"``, a Hugging Face dataset (hub name or saved folder) whose ``columns`` map the
+    prompt fields to its columns (``prompts_from_hf``)."""
+    if where.startswith("hf:"):
+        if not columns:
+            raise ValueError(f"prompts {where!r} come from a dataset: give graphs.prompt_columns, "
+                             "e.g. {'prompt': 'sentence', 'language': 'lang', 'target': 'answer', "
+                             "'concept': 'pair_id'}")
+        return prompts_from_hf(where[3:], columns, split=split)
+    return read_prompts(where)
+
+
 # --------------------------------------------------------------- prompt files -----------
 
 PROMPT_FIELDS = {"prompt": str, "language": str}

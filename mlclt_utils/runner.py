@@ -26,7 +26,9 @@ from .viz.progress import PLAIN_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
-EXECUTED = REPO / "book" / "chapters"
+# executed chapters go where the book reads them; MLCLT_EXECUTED sends them elsewhere (a run
+# that is not the book's, e.g. a test's)
+EXECUTED = Path(os.environ.get("MLCLT_EXECUTED", REPO / "book" / "chapters"))
 
 
 class ChapterFailed(RuntimeError):
@@ -88,6 +90,43 @@ def run_chapter(source: Path, parameters: dict, kernel: str = "python3") -> Path
             f"chapter {source.stem} failed in cell {err.exec_count} "
             f"({err.ename}: {err.evalue}); the partial notebook is {tmp}") from None
     tidy_executed(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# Chapters that cannot run on a run's loaded models (mlclt_utils.sources), with the reason
+# their page gives instead of results
+SKIPPED_WHEN_LOADED = {
+    "08": "it finetunes the base model and trains CLTs on the finetunes: training this chain "
+          "does not do for loaded models.",
+}
+
+
+def skip_reason(source: Path, preset: dict) -> str | None:
+    """Why ``source`` is not run for this preset (None: it runs)."""
+    from .sources import loads_models
+
+    chapter = source.name[:2]
+    if chapter in SKIPPED_WHEN_LOADED and loads_models(preset):
+        return (f"This run loads its models (source.models) instead of training them, so this "
+                f"chapter was skipped: {SKIPPED_WHEN_LOADED[chapter]} Run it with a preset "
+                "that trains its models (tiny, small, colab, paper).")
+    return None
+
+
+def write_skipped(source: Path, reason: str) -> Path:
+    """The chapter's page for a run that skips it: its title and the reason, no code."""
+    import nbformat
+
+    nb = nbformat.read(str(source), as_version=4)
+    title = next((c for c in nb.cells if c.cell_type == "markdown"), None)
+    nb.cells = ([title] if title is not None else []) + [nbformat.v4.new_markdown_cell(f"```{{note}}\n{reason}\n```")]
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"skipped-{i}"
+    EXECUTED.mkdir(parents=True, exist_ok=True)
+    out = EXECUTED / source.name
+    tmp = out.with_name(f".skipped.{out.name}")
+    nbformat.write(nb, str(tmp))
     os.replace(tmp, out)
     return out
 
@@ -198,8 +237,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if not args.build_only:
+            cfg = load_preset(args.preset, overrides)
             for source in chapters:
                 start = time.time()
+                reason = skip_reason(source, cfg)
+                if reason:
+                    write_skipped(source, reason)
+                    print(f"== chapter {source.stem} skipped: {reason}", flush=True)
+                    continue
                 print(f"== chapter {source.stem} ({args.preset})", flush=True)
                 run_chapter(source, parameters)
                 print(f"== chapter {source.stem} done in {time.time() - start:.0f} s", flush=True)

@@ -338,15 +338,24 @@ register(StageKind("corpus", "01", _corpus_config, lambda p, k: [], _build_corpu
 # ------------------------------------------------------------------------- tokenizer -----
 
 def _tokenizer_config(preset, key=None) -> dict:
+    from .sources import loads_models, model_source
+
+    if loads_models(preset):      # loaded models: the reference model's own tokenizer
+        return {"source": model_source(preset, reference_model(preset)),
+                "model_max_length": preset["models"]["n_ctx"]}
     return {**preset["tokenizer"], "seed": preset["seed"],
             "model_max_length": preset["models"]["n_ctx"]}
 
 
 def _build_tokenizer(ctx: BuildContext):
+    from .sources import import_tokenizer
     from .tokenizer import fertility_table, save_tokenizer, train_tokenizer
 
     corpus = ctx.input("corpus")
-    tok = train_tokenizer(corpus, ctx.config, ctx.config["seed"], ctx.config["model_max_length"])
+    if "source" in ctx.config:
+        tok = import_tokenizer(ctx.config["source"], ctx.config["model_max_length"])
+    else:
+        tok = train_tokenizer(corpus, ctx.config, ctx.config["seed"], ctx.config["model_max_length"])
     save_tokenizer(tok, ctx.stage.path)
     if corpus.has_parallel:
         texts = {lang: corpus.parallel[lang] for lang in corpus.languages}
@@ -436,8 +445,13 @@ def model_mixture(name: str) -> str:
 
 def _model_config(preset, key) -> dict:
     from .models.config import DEFAULT_ACT_FN, parse_model_name
+    from .sources import model_source
 
     size_name, share = parse_model_name(key)
+    source = model_source(preset, key)
+    if source is not None:        # loaded, not trained (mlclt_utils.sources)
+        return {"model_name": key, "source": source, "n_ctx": preset["models"]["n_ctx"],
+                "english_share": share, "languages": list(preset["corpus"]["languages"])}
     return {"model_name": key, "size_name": size_name,
             "size": dict(preset["models"]["sizes"][size_name]),
             "n_ctx": preset["models"]["n_ctx"], "d_vocab": preset["tokenizer"]["vocab_size"],
@@ -446,11 +460,44 @@ def _model_config(preset, key) -> dict:
             "languages": list(preset["corpus"]["languages"])}
 
 
+# a loaded model's weights are kept as its one checkpoint, at this step: the released
+# checkpoints carry no training step, and chapters that follow checkpoints then show one point.
+# Its one metrics row holds the validation loss per language on the run's own validation text.
+LOADED_STEP = 1
+
+
+def _import_model(ctx: BuildContext):
+    from .artifacts import save_tensors
+    from .models.config import config_to_dict
+    from .models.train import checkpoint_name
+    from .sources import import_model
+
+    from .models.train import eval_loss_per_language
+
+    cfg = ctx.config
+    model, info = import_model(cfg["source"], ctx.key, cfg["n_ctx"], ctx.input("tokenizer"))
+    state = model.state_dict()
+    save_tensors(ctx.stage.file(checkpoint_name(LOADED_STEP)), state, {"step": str(LOADED_STEP)})
+    save_tensors(ctx.stage.file("model.safetensors"), state)
+    val = ctx.input("data", model_mixture(ctx.key))["validation"]
+    row = {"step": LOADED_STEP, "tokens": None, "train_loss": None, "lr": None,
+           "val_loss": eval_loss_per_language(model, val)}
+    with atomic_path(ctx.stage.file(METRICS_FILE)) as tmp:
+        tmp.write_text(json.dumps(row) + "\n")
+    write_json(ctx.stage.file("config.json"), {
+        "hooked_transformer": config_to_dict(model.cfg), "languages": cfg["languages"],
+        "checkpoint_steps": [LOADED_STEP], "model_name": ctx.key,
+        "english_share": cfg["english_share"], "loaded_from": info})
+    return {"loaded_from": info}
+
+
 def _build_model(ctx: BuildContext):
     from .models.config import model_config
     from .models.train import train_model
 
     cfg = ctx.config
+    if "source" in cfg:
+        return _import_model(ctx)
     data = ctx.input("data", model_mixture(ctx.key))
     tokenizer = ctx.input("tokenizer")
     if len(tokenizer) > cfg["d_vocab"]:
@@ -566,6 +613,11 @@ def clt_kind(cross_layer: bool = True, activation: str = "jumprelu") -> str:
 
 def _clt_config(cross_layer: bool, activation: str):
     def config(preset, key) -> dict:
+        from .sources import clt_source
+
+        source = clt_source(preset, key)
+        if source is not None and (cross_layer, activation) == (True, "jumprelu"):
+            return {"model_name": key, "source": source}       # loaded, not trained
         clt = {**preset["clt"], "cross_layer": cross_layer, "activation": activation}
         return {"model_name": key, "clt": clt, "seed": preset["seed"]}
     return config
@@ -580,9 +632,11 @@ def _build_clt(ctx: BuildContext):
     from .clt.train import train_clt
     from .device import default_device
 
-    cfg, seed = ctx.config["clt"], int(ctx.config["seed"])
     info = distributed.current()
     device = ctx.device or default_device(info.local_rank)
+    if "source" in ctx.config:
+        return _import_clt(ctx, device)
+    cfg, seed = ctx.config["clt"], int(ctx.config["seed"])
     tokens = ctx.input("data", model_mixture(ctx.key))["train"]["tokens"]
     model = ctx.input("models", ctx.key, device=device)
     source = ActivationBuffer(model, tokens, cfg["batch_tokens"], cfg["buffer_tokens"], seed=seed,
@@ -601,6 +655,26 @@ def _build_clt(ctx: BuildContext):
     if ctx.is_main:
         save_clt(clt.to("cpu"), ctx.stage.path)
     return {"summary": {k: v for k, v in summary.items() if k != "completed"}}
+
+
+def _import_clt(ctx: BuildContext, device: str):
+    from .clt.formats import save_clt
+    from .sources import import_clt
+
+    model = ctx.input("models", ctx.key, device=device)
+    clt, info = import_clt(ctx.config["source"], model, device=device,
+                           progress=print if ctx.progress else (lambda *a: None))
+    if ctx.is_main:
+        save_clt(clt.to("cpu"), ctx.stage.path)
+    return {"loaded_from": info}
+
+
+def _clt_upstream(preset, key) -> list:
+    from .sources import loads_clts
+
+    if loads_clts(preset):
+        return [("models", key)]
+    return [("models", key), ("data", model_mixture(key))]
 
 
 def _load_clt(st: Stage, device: str = "cpu"):
@@ -655,7 +729,7 @@ def _register_clt_kinds() -> None:
             name = clt_kind(cross, activation)
             register(StageKind(
                 name, "03", _clt_config(cross, activation),
-                lambda p, k: [("models", k), ("data", model_mixture(k))],
+                _clt_upstream if name == "clt" else lambda p, k: [("models", k), ("data", model_mixture(k))],
                 _build_clt, _load_clt, keys=model_names, resumable=True, distributed=True))
             register(StageKind(
                 f"{name}_eval", "03", _eval_config(name),

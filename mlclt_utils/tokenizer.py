@@ -100,6 +100,21 @@ def check_special_ids(tokenizer) -> None:
                              "train it with mlclt_utils.tokenizer.train_tokenizer")
 
 
+def check_run_tokenizer(tokenizer, where: str = "the tokenizer") -> None:
+    """Refuse a tokenizer (the book's own or a loaded model's) whose ids break what every
+    stage assumes: BOS 3 and EOS 4, and id 0 a special token (padding is left out of every
+    statistic by that id)."""
+    for name, expected in (("bos", BOS_ID), ("eos", EOS_ID)):
+        got = getattr(tokenizer, f"{name}_token_id", None)
+        if got != expected:
+            raise ValueError(f"{where}: the {name.upper()} id is {got}, expected {expected} "
+                             f"(the book's special ids: {SPECIAL_IDS})")
+    first = tokenizer.convert_ids_to_tokens(PAD_ID)
+    if first not in tokenizer.all_special_tokens:
+        raise ValueError(f"{where}: id {PAD_ID} is the ordinary token {first!r}; the book reserves "
+                         f"it for padding (special ids: {SPECIAL_IDS})")
+
+
 def encode_texts(tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Token ids of each text (no special tokens), with the fast tokenizer's batch encoder."""
     if not texts:
@@ -149,7 +164,7 @@ def load_tokenizer(folder):
     if not (folder / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer.json in {folder}; build the tokenizer stage first")
     tok = AutoTokenizer.from_pretrained(str(folder))
-    _check_ids(tok)
+    check_run_tokenizer(tok, str(folder.name))
     return tok
 
 

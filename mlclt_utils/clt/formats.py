@@ -15,6 +15,7 @@ layout and there is no shared converter; each one is a few reshapes, checked by 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -43,8 +44,8 @@ def save_clt(clt: CrossLayerTranscoder, folder) -> Path:
 
 
 def load_clt(folder, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> CrossLayerTranscoder:
-    """Load a CLT written by ``save_clt``, in eval mode."""
+             dtype: torch.dtype | None = None) -> CrossLayerTranscoder:
+    """Load a CLT written by ``save_clt``, in eval mode (``dtype=None``: as stored)."""
     folder = Path(folder)
     cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not cfg_path.exists() or not weights_path.exists():
@@ -55,9 +56,12 @@ def load_clt(folder, device: str | torch.device = "cpu",
         raise ValueError(f"{cfg_path}: format {meta.get('format')!r} version "
                          f"{meta.get('format_version')!r} is not readable by this package "
                          f"({FORMAT_NAME} up to version {FORMAT_VERSION})")
-    clt = CrossLayerTranscoder(CLTConfig.from_dict(meta["clt"]))
-    clt.load_state_dict(load_tensors(weights_path), strict=True)
-    return clt.to(device=device, dtype=dtype).eval()
+    state = load_tensors(weights_path)
+    with torch.device("meta"):
+        clt = CrossLayerTranscoder(CLTConfig.from_dict(meta["clt"]))
+    _materialize(clt, device, dtype or state["W_enc"].dtype)
+    clt.load_state_dict(state, strict=True)
+    return clt.eval()
 
 
 # ------------------------------------------------------------------ featflow layout -----
@@ -95,7 +99,31 @@ def _pick(tensors: dict, name: str):
     return None
 
 
-def _read_featflow_files(path: Path) -> tuple[dict, dict]:
+class _LazyTensors:
+    """The tensors of one or more ``.safetensors`` files, read only when asked for (whole,
+    or one row of the first dimension at a time): a released CLT is several GB, so the
+    loader never holds a second full copy of it."""
+
+    def __init__(self, files):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def row(self, name: str, i: int) -> torch.Tensor:
+        return self._where[name].get_slice(name)[i]
+
+
+def _open_featflow(path: Path) -> tuple[_LazyTensors, dict]:
     if path.is_file():
         files, folder = [path], path.parent
     elif path.is_dir():
@@ -105,16 +133,49 @@ def _read_featflow_files(path: Path) -> tuple[dict, dict]:
     else:
         raise FileNotFoundError(f"no CLT checkpoint at {path}")
     if not files:
-        raise FileNotFoundError(f"{path} holds no .safetensors file")
-    tensors: dict = {}
-    for f in files:
-        tensors.update(load_tensors(f))
+        raise FileNotFoundError(f"{path} holds no .safetensors file (expected {FEATFLOW_WEIGHTS_FILE})")
     cfg = {}
     for name in _CONFIG_NAMES:
         if (folder / name).exists():
             cfg = json.loads((folder / name).read_text())
             break
-    return tensors, cfg
+    return _LazyTensors(files), cfg
+
+
+def _name(tensors: _LazyTensors, name: str) -> str | None:
+    return next((key for key in _ALIASES[name] if key in tensors), None)
+
+
+def featflow_clt_size(path, dtype: torch.dtype = torch.float32) -> dict:
+    """What loading the featflow-layout CLT at ``path`` needs, read from the file headers
+    only: layers, features, parameters and gigabytes at ``dtype`` (the loader's peak is this
+    plus one decoder block)."""
+    tensors, _ = _open_featflow(Path(path))
+    enc, dec = _name(tensors, "W_enc"), _name(tensors, "W_dec")
+    if enc is None or dec is None:
+        raise ValueError(f"{path}: no encoder W_enc [L, d, F] or decoder W_dec "
+                         f"(looked for {_ALIASES['W_enc']} and {_ALIASES['W_dec']})")
+    L, d, F = tensors.shape(enc)
+    # the loaded CLT's parameters: encoder, decoder blocks, thresholds and one bias per layer
+    n = L * d * F + math.prod(tensors.shape(dec)) + 2 * L * F + L * d
+    size = torch.empty((), dtype=dtype).element_size()
+    return {"n_layers": L, "d_model": d, "features_per_layer": F, "parameters": int(n),
+            "gigabytes": n * size / 1e9, "dtype": str(dtype).replace("torch.", "")}
+
+
+def _materialize(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """Give every parameter and floating buffer of a module built on the meta device real,
+    uninitialised storage of ``dtype`` on ``device``, one tensor at a time (``to_empty``
+    would allocate float32 first)."""
+    for sub in module.modules():
+        for key, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[key] = torch.nn.Parameter(
+                    torch.empty(p.shape, device=device, dtype=dtype), requires_grad=p.requires_grad)
+        for key, b in list(sub._buffers.items()):
+            if b is not None:
+                sub._buffers[key] = torch.empty(b.shape, device=device,
+                                                dtype=dtype if b.is_floating_point() else b.dtype)
 
 
 # What the encoder of a featflow-layout CLT was trained to read, times its input scale
@@ -240,17 +301,21 @@ def load_featflow_clt(path, model=None, device: str | torch.device = "cpu",
     any layer does worse than predicting zero: the usual cause is a wrong convention or a
     model other than the one the CLT was trained on. The measurement is kept on the
     returned module as ``clt.fidelity``.
+
+    ``dtype`` / ``device``: the CLT is built there directly and filled one encoder layer and
+    one decoder block at a time, so the peak memory is the CLT at ``dtype`` plus one block
+    (``featflow_clt_size`` says how much before anything is read). The ln2 folding is done
+    in float64 per layer before the cast.
     """
     if input_convention not in INPUT_CONVENTIONS:
         raise ValueError(f"input_convention {input_convention!r} is not one of {INPUT_CONVENTIONS}")
     if check_tokens is not None and model is None:
         raise ValueError("check_tokens needs the model whose MLP outputs the CLT reconstructs")
-    tensors, cfg = _read_featflow_files(Path(path))
-    W_enc = _pick(tensors, "W_enc")
-    if W_enc is None or W_enc.ndim != 3:
+    tensors, cfg = _open_featflow(Path(path))
+    names = {k: _name(tensors, k) for k in _ALIASES}
+    if names["W_enc"] is None or len(tensors.shape(names["W_enc"])) != 3:
         raise ValueError(f"{path}: no encoder W_enc [L, d, F] (looked for {_ALIASES['W_enc']})")
-    W_enc = W_enc.double()
-    L, d, F = W_enc.shape
+    L, d, F = tensors.shape(names["W_enc"])
     if cfg.get("d_in") not in (None, d):
         raise ValueError(f"{path}: config d_in {cfg['d_in']} differs from W_enc's d {d}; "
                          "W_enc must be [L, d, F]")
@@ -260,73 +325,78 @@ def load_featflow_clt(path, model=None, device: str | torch.device = "cpu",
     if cfg.get("n_layers") not in (None, L):
         raise ValueError(f"{path}: config n_layers {cfg['n_layers']} differs from W_enc's L {L}")
 
-    W_dec = _pick(tensors, "W_dec")
-    if W_dec is None:
+    if names["W_dec"] is None:
         raise ValueError(f"{path}: no decoder W_dec (looked for {_ALIASES['W_dec']})")
+    dec_shape = tensors.shape(names["W_dec"])
     pairs = triangle_pairs(L)
     cross = cfg.get("cross_layer_decoders")
     if cross is None:
-        cross = W_dec.shape[0] == len(pairs)
+        cross = dec_shape[0] == len(pairs)
     n_blocks = len(pairs) if cross else L
-    if tuple(W_dec.shape) != (n_blocks, F, d):
-        raise ValueError(f"{path}: W_dec has shape {tuple(W_dec.shape)}, expected "
+    if dec_shape != (n_blocks, F, d):
+        raise ValueError(f"{path}: W_dec has shape {dec_shape}, expected "
                          f"{(n_blocks, F, d)} for {'cross-layer' if cross else 'per-layer'} decoders")
-    b_enc = _pick(tensors, "b_enc")
-    b_enc = torch.zeros(L, F, dtype=torch.float64) if b_enc is None else b_enc.double()
-    b_dec = _pick(tensors, "b_dec")
-    if b_dec is None:
-        b_dec_t = torch.zeros(L, d, dtype=torch.float64)
-    elif b_dec.shape[0] == L:
-        b_dec_t = b_dec.double()
-    elif cross and b_dec.shape[0] == len(pairs):
-        b_dec_t = torch.zeros(L, d, dtype=torch.float64)
+
+    def small(name, default):
+        return default if names[name] is None else tensors.get(names[name]).double()
+
+    b_enc = small("b_enc", torch.zeros(L, F, dtype=torch.float64))
+    b_dec = small("b_dec", torch.zeros(L, d, dtype=torch.float64))
+    if b_dec.shape[0] != L:
+        if not (cross and b_dec.shape[0] == len(pairs)):
+            raise ValueError(f"{path}: b_dec has shape {tuple(b_dec.shape)}, expected [{L}, {d}] "
+                             f"or [{len(pairs)}, {d}]")
+        summed = torch.zeros(L, d, dtype=torch.float64)
         for i, (_, k) in enumerate(pairs):
-            b_dec_t[k] += b_dec[i].double()
+            summed[k] += b_dec[i]
+        b_dec = summed
+    if names["log_threshold"] is not None:
+        log_thr = tensors.get(names["log_threshold"]).double().reshape(L, F)
+    elif names["threshold"] is not None:
+        log_thr = tensors.get(names["threshold"]).double().reshape(L, F).log()
     else:
-        raise ValueError(f"{path}: b_dec has shape {tuple(b_dec.shape)}, expected [{L}, {d}] "
-                         f"or [{len(pairs)}, {d}]")
-    log_thr = _pick(tensors, "log_threshold")
-    if log_thr is None:
-        thr = _pick(tensors, "threshold")
-        if thr is None:
-            raise ValueError(f"{path}: no JumpReLU threshold (log_threshold or threshold)")
-        log_thr = thr.double().reshape(L, F).log()
-    scale_in = _pick(tensors, "scale_in")
-    scale_out = _pick(tensors, "scale_out")
+        raise ValueError(f"{path}: no JumpReLU threshold (log_threshold or threshold)")
+    s_in = small("scale_in", torch.ones(L, dtype=torch.float64)).reshape(L)
+    s_out = small("scale_out", torch.ones(L, dtype=torch.float64)).reshape(L)
+
+    ln2 = [(None, None)] * L
+    if model is not None:
+        if model.cfg.n_layers != L or model.cfg.d_model != d:
+            raise ValueError(f"{path}: the CLT has {L} layers of width {d}, the model "
+                             f"{model.cfg.n_layers} of width {model.cfg.d_model}")
+        if input_convention == "ln2":
+            ln2 = [_ln2_affine(model, l, input_convention) for l in range(L)]
+        elif input_convention == "resid_mid":
+            for l in range(L):
+                _ln2_affine(model, l, input_convention)       # refuses a folded model
 
     hook = {"resid_mid": "hook_resid_mid"}.get(input_convention, "ln2.hook_normalized")
     clt_cfg = CLTConfig(n_layers=L, d_model=d, d_features=F, activation="jumprelu",
                         cross_layer=bool(cross),
                         bandwidth=float(cfg.get("jumprelu_bandwidth", 1.0)), input_hook=hook)
-    clt = CrossLayerTranscoder(clt_cfg)
-    s_in = torch.ones(L, dtype=torch.float64) if scale_in is None else scale_in.double().reshape(L)
-    s_out = torch.ones(L, dtype=torch.float64) if scale_out is None else scale_out.double().reshape(L)
-    if model is not None:
-        if model.cfg.n_layers != L or model.cfg.d_model != d:
-            raise ValueError(f"{path}: the CLT has {L} layers of width {d}, the model "
-                             f"{model.cfg.n_layers} of width {model.cfg.d_model}")
-        for l in range(L):
-            if input_convention == "ln2_normalized":
-                break
-            w, b = _ln2_affine(model, l, input_convention)
-            if input_convention == "ln2":
-                if b is not None:
-                    b_enc[l] = b_enc[l] + s_in[l] * (b @ W_enc[l])
-                W_enc[l] = w[:, None] * W_enc[l]
+    # built on the meta device and given storage in ``dtype`` directly: a released CLT
+    # (24,576 features per layer over 12 layers) is about 6.8 GB in float32
+    with torch.device("meta"):
+        clt = CrossLayerTranscoder(clt_cfg)
+    _materialize(clt, device, dtype)
     with torch.no_grad():
-        clt.W_enc.copy_(W_enc)
+        for l in range(L):                              # the encoder one layer at a time
+            W = tensors.row(names["W_enc"], l).double()
+            w, b = ln2[l]
+            if b is not None:
+                b_enc[l] = b_enc[l] + s_in[l] * (b @ W)
+            if w is not None:
+                W = w[:, None] * W
+            clt.W_enc[l].copy_(W)
         clt.b_enc.copy_(b_enc)
-        clt.log_threshold.copy_(log_thr.double().reshape(L, F))
-        clt.b_dec.copy_(b_dec_t)
+        clt.log_threshold.copy_(log_thr)
+        clt.b_dec.copy_(b_dec)
         clt.input_scale.copy_(s_in)
         clt.output_scale.copy_(s_out)
-        if cross:
-            for i, (l, k) in enumerate(pairs):
-                clt.W_dec[l][:, k - l, :].copy_(W_dec[i])
-        else:
-            for l in range(L):
-                clt.W_dec[l][:, 0, :].copy_(W_dec[l])
-    clt = clt.to(device=device, dtype=dtype).eval()
+        clt.batchtopk_threshold.zero_()
+        for i, (l, k) in enumerate(pairs if cross else [(l, l) for l in range(L)]):
+            clt.W_dec[l][:, k - l, :].copy_(tensors.row(names["W_dec"], i))
+    clt.eval()
     if check_tokens is not None:
         clt.fidelity = fidelity_check(clt, model, check_tokens, check_batches, check_batch_size)
         fvu, bad = clt.fidelity["fvu"], clt.fidelity["worse_than_zero"]
@@ -396,5 +466,5 @@ def load_featflow_clt_from_hub(repo_id: str, subfolder: str | None = None,
 
 __all__ = [
     "save_clt", "load_clt", "triangle_pairs", "load_featflow_clt", "save_featflow_clt",
-    "load_featflow_clt_from_hub", "fidelity_check", "INPUT_CONVENTIONS",
+    "load_featflow_clt_from_hub", "featflow_clt_size", "fidelity_check", "INPUT_CONVENTIONS",
 ]

@@ -569,8 +569,9 @@ class CrossLayerTranscoder(nn.Module):
 
     # --------------------------------------------------------------- forward ---------
     def pre_activations(self, x: Tensor) -> Tensor:
-        """Raw MLP inputs [..., L, d] -> pre-activations h [..., L, F] (scaling inside)."""
-        xt = x * self.input_scale.unsqueeze(-1)
+        """Raw MLP inputs [..., L, d] -> pre-activations h [..., L, F] (scaling inside), in
+        the CLT's dtype (a loaded CLT may be bf16/fp16 beside a float32 model)."""
+        xt = x.to(self.W_enc.dtype) * self.input_scale.unsqueeze(-1)
         return torch.einsum("...ld,ldf->...lf", xt, self.W_enc) + self.b_enc
 
     def _activate(self, h: Tensor) -> Tensor:

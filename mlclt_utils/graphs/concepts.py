@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 
 from ..languages import NO_SPACE_LANGUAGES
-from ..prompts import cloze_prompts, context_ids, mine_concepts
+from ..prompts import cloze_prompts, context_ids, load_given_prompts, mine_concepts, scored_prompts
 from .attribution import graph_for_prompt, graph_scores, language_target, pruned_graph
 from .circuit_tracer import build_replacement_model
 
@@ -57,20 +57,27 @@ def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True, view
 
     from ..viz.progress import progress_bar
 
-    if not corpus.has_parallel:
-        raise ValueError("chapter 06 mines cloze prompts from the corpus's parallel verses; this corpus "
-                         "has none (use the Bible source or give a prompt file)")
     langs = corpus.languages
-    concepts = mine_concepts(aligned_units(corpus), min_units=cfg["min_units"])
-    concepts = concepts.dropna(subset=langs).head(cfg["max_concepts"])
-    verses = {lang: corpus.parallel[lang] for lang in langs}
-    prompts = cloze_prompts(model, concepts, verses, corpus.parallel["keys"],
-                            per_concept=cfg["per_concept"], min_chars=cfg["min_chars"],
-                            same_verse=True)
+    if cfg.get("prompt_source"):
+        records = load_given_prompts(cfg["prompt_source"], cfg.get("prompt_columns"))
+        prompts, concepts = scored_prompts(model, records, langs)
+        keep = list(concepts.dropna(how="all").index[:cfg["max_concepts"]])
+        prompts = prompts[prompts["concept"].isin(keep)].reset_index(drop=True)
+        concepts = concepts.loc[keep]
+    else:
+        if not corpus.has_parallel:
+            raise ValueError("chapter 06 mines cloze prompts from the corpus's parallel verses; this "
+                             "corpus has none (use the Bible source or give graphs.prompt_source)")
+        concepts = mine_concepts(aligned_units(corpus), min_units=cfg["min_units"])
+        concepts = concepts.dropna(subset=langs).head(cfg["max_concepts"])
+        verses = {lang: corpus.parallel[lang] for lang in langs}
+        prompts = cloze_prompts(model, concepts, verses, corpus.parallel["keys"],
+                                per_concept=cfg["per_concept"], min_chars=cfg["min_chars"],
+                                same_verse=True)
     prompts.insert(0, "prompt_id", range(len(prompts)))
     tok = model.tokenizer
-    answers = {c: {lang: answer_token(tok, concepts.loc[c, lang], lang) for lang in langs}
-               for c in concepts.index}
+    answers = {c: {lang: answer_token(tok, concepts.loc[c, lang], lang) for lang in langs
+                   if isinstance(concepts.loc[c, lang], str)} for c in concepts.index}
     rm = build_replacement_model(model, clt)
     scores, nodes, edges = [], [], []
     bar = progress_bar(total=2 * len(prompts), desc="attribution graphs", disable=not progress)
@@ -80,7 +87,7 @@ def concept_graphs(model, clt, corpus, cfg: Mapping, progress: bool = True, view
             targets = {"logit": int(p["target_token"])}
             mine = answers[p["concept"]]
             # a language whose answer token another language shares has no vector of its own
-            if list(mine.values()).count(mine[p["language"]]) == 1:
+            if len(mine) > 1 and list(mine.values()).count(mine[p["language"]]) == 1:
                 targets["language"] = language_target(model, mine, p["language"])
             for kind, target in targets.items():
                 graph = graph_for_prompt(rm, torch.tensor(ids), target,

@@ -25,7 +25,7 @@ TRAINING_KEYS = ("tokens", "batch_size", "lr", "min_lr_ratio", "warmup_fraction"
 CONFIG_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx", "d_vocab",
                  "act_fn", "normalization_type", "positional_embedding_type", "init_mode",
                  "default_prepend_bos", "tokenizer_prepends_bos", "seed", "model_name",
-                 "original_architecture")
+                 "original_architecture", "eps")
 
 
 # ----------------------------------------------------------------------------- building

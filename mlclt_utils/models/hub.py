@@ -7,7 +7,8 @@ The multilingual-CLT study released its models (``CausalNLP/gpt2-hf_multilingual
 configuration is read from the checkpoint's own ``config.json`` here and the weights go
 through TransformerLens's GPT-2 conversion (``convert_gpt2_weights``). The model is left
 unfolded (no LayerNorm folding, no centring), like the models the book trains, so that a
-CLT trained on either reads the same activations.
+CLT trained on either reads the same activations; ``to_tokens`` prepends BOS as for the
+book's models.
 
 ``load_hf_gpt2`` takes a hub name or a local folder; with ``HF_HUB_OFFLINE=1`` (or no
 network) a name that is not in the local cache fails with a message that says so.
@@ -37,7 +38,8 @@ def hooked_config(hf_config):
         d_mlp=hf_config.n_inner or 4 * d, n_ctx=hf_config.n_positions, d_vocab=hf_config.vocab_size,
         act_fn=ACTIVATIONS[act], eps=hf_config.layer_norm_epsilon, normalization_type="LN",
         positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
-        default_prepend_bos=False, tokenizer_prepends_bos=False, model_name=getattr(hf_config, "_name_or_path", "") or "hf-gpt2")
+        # like the book's own models: TransformerLens prepends BOS (id 3), the tokenizer does not
+        default_prepend_bos=True, tokenizer_prepends_bos=False, model_name="hf-gpt2")
 
 
 def hooked_from_hf(hf_model, tokenizer=None, device: str = "cpu"):
@@ -72,7 +74,9 @@ def load_hf_gpt2(name_or_path: str, revision: str | None = None, device: str = "
         raise OSError(f"could not load a GPT-2 model and tokenizer {name_or_path!r} from {where}: {err}. "
                       "Without a network, download it once where there is one, or give a local folder "
                       "saved with save_pretrained.") from None
-    return hooked_from_hf(hf, tok, device)
+    model = hooked_from_hf(hf, tok, device)
+    model.hub_commit = getattr(hf.config, "_commit_hash", None)   # None for a local folder
+    return model
 
 
 __all__ = ["hooked_config", "hooked_from_hf", "load_hf_gpt2"]
