@@ -19,9 +19,27 @@ def test_precision_follows_the_compute_capability(monkeypatch, capability, name,
     assert D.training_precision("cuda", mixed=False).name == "float32"
 
 
-def test_the_cpu_trains_in_float32():
+SAPPHIRE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+HASWELL = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+
+
+@pytest.mark.parametrize("cpuinfo, name", [(SAPPHIRE, "bfloat16"), (HASWELL, "float32"), ("", "float32")])
+def test_the_cpu_trains_in_bfloat16_only_with_native_instructions(monkeypatch, cpuinfo, name):
+    read = D.cpu_bf16_flags
+    monkeypatch.setattr(D, "cpu_bf16_flags", lambda: read(cpuinfo))
     chosen = D.training_precision("cpu")
-    assert chosen.name == "float32" and chosen.make_scaler("cpu") is None
+    assert chosen.name == name and chosen.make_scaler("cpu") is None
+    assert D.training_precision("cpu", mixed=False).name == "float32"
+    if name == "bfloat16":
+        assert "amx_bf16" in chosen.reason and "avx512_bf16" in chosen.reason
+
+
+def test_cpu_bf16_flags_read_the_flags_line_and_can_be_turned_off(monkeypatch):
+    assert D.cpu_bf16_flags(SAPPHIRE) == ["amx_bf16", "avx512_bf16"]
+    assert D.cpu_bf16_flags(HASWELL) == [] and D.cpu_bf16_flags("") == []
+    assert D.cpu_bf16_flags("model name : avx512_bf16 in the name\n") == []   # only the flags line
+    monkeypatch.setenv("MLCLT_CPU_BF16", "0")
+    assert D.cpu_bf16_flags(SAPPHIRE) == []
 
 
 @pytest.mark.parametrize("precision", [D.FLOAT32, D.Precision(torch.bfloat16, False, "test"),

@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--steps", type=int, default=20)
         sub.add_argument("--warmup", type=int, default=3)
         sub.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the preset's)")
-        sub.add_argument("--paths", nargs="+", default=["before", "lean"],
-                         help="training paths timed side by side: before, hooked, lean, lean+compile")
+        sub.add_argument("--paths", nargs="+", default=["before", "lean+fp32", "lean"],
+                         help="training paths timed side by side: before, hooked, lean, lean+fp32, "
+                              "lean+compile")
     opts = sub.parse_args(rest)
     if args.command == "peak":
         threads = opts.threads or available_cores()

@@ -9,9 +9,11 @@ beyond it, only a change of the work (fewer FLOPs per token, lower precision).
 
 Paths: ``before`` is the training step as it was before the lean forward: TransformerLens'
 hooked forward, the tanh GELU kernel, and validation over the whole batch's logits in
-16,384-token batches. ``hooked`` is the hooked forward with today's model (exact GELU) and
-validation, ``lean`` the default (``models.train.lean_residual``), ``lean+compile`` the
-lean forward under ``torch.compile``. The validation column is the share of the wall time
+16,384-token batches, in float32. ``hooked`` is the hooked forward with today's model (exact
+GELU) and validation, ``lean`` the default (``models.train.lean_residual``) in the precision
+``device.training_precision`` picks (bfloat16 autocast on a CPU with native bfloat16),
+``lean+fp32`` the same in float32, ``lean+compile`` the lean forward under
+``torch.compile``. The validation column is the share of the wall time
 that validation takes at the preset's ``eval_every`` and ``eval_tokens_per_language``.
 """
 
@@ -23,7 +25,7 @@ import torch
 
 from . import _sync, _table, _threads, available_cores, measure_matmul_peak
 
-from ..device import training_precision
+from ..device import FLOAT32, training_precision
 from ..models import train as training_lib
 from ..models.config import build_model, model_config
 from ..tokenizer import BOS_ID
@@ -45,7 +47,7 @@ def train_flops_per_token(cfg) -> float:
             + 6 * cfg.d_model * cfg.d_vocab)
 
 
-PATHS = ("before", "hooked", "lean", "lean+compile")
+PATHS = ("before", "hooked", "lean", "lean+fp32", "lean+compile")
 
 
 def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup: int = 3,
@@ -78,7 +80,8 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
         pool = torch.randint(5, vocab, (8, batch, n_ctx), generator=g)
         pool[:, :, 0] = BOS_ID
         pool = pool.to(dev)
-        precision = training_precision(dev, bool(training.get("mixed_precision", True)))
+        precision = (FLOAT32 if path in ("before", "lean+fp32")
+                     else training_precision(dev, bool(training.get("mixed_precision", True))))
         scaler = precision.make_scaler(dev.type)
         times = []
         for i in range(warmup + steps):
@@ -116,7 +119,7 @@ def benchmark_training(preset_name: str, size_name: str, steps: int = 20, warmup
 
 def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, warmup: int = 3,
                         threads: int | None = None, device: str = "cpu",
-                        paths: tuple[str, ...] = ("before", "lean"), batch_size: int | None = None
+                        paths: tuple[str, ...] = ("before", "lean+fp32", "lean"), batch_size: int | None = None
                         ) -> list[dict]:
     """Benchmark every size of each preset (or only ``sizes``), once per entry of ``paths``,
     side by side (the ratio column is each row's speed over the first path's at the same
@@ -144,7 +147,7 @@ def run_train_benchmark(presets=("tiny", "small"), sizes=None, steps: int = 20, 
     print(_table(rows, [("preset", "preset", "s"), ("size", "size", "s"), ("n_layers", "layers", "d"),
                         ("d_model", "d_model", "d"), ("params_nonemb", "params(non-emb)", ","),
                         ("d_vocab", "vocab", "d"), ("n_ctx", "n_ctx", "d"),
-                        ("batch_size", "batch", "d"), ("path", "path", "s"), ("ms_per_step", "ms/step", ".1f"),
+                        ("batch_size", "batch", "d"), ("path", "path", "s"), ("precision", "precision", "s"), ("ms_per_step", "ms/step", ".1f"),
                         ("tokens_per_s", "tokens/s", ",.0f"), ("speedup", "ratio", ".2f"),
                         ("gflop_per_s", "GFLOP/s", ".2f"), ("peak_fraction", "of peak", ".1%"),
                         ("ceiling_tokens_per_s", "ceiling tok/s", ",.0f"),
