@@ -469,10 +469,8 @@ LOADED_STEP = 1
 def _import_model(ctx: BuildContext):
     from .artifacts import save_tensors
     from .models.config import config_to_dict
-    from .models.train import checkpoint_name
+    from .models.train import checkpoint_name, eval_loss_per_language
     from .sources import import_model
-
-    from .models.train import eval_loss_per_language
 
     cfg = ctx.config
     model, info = import_model(cfg["source"], ctx.key, cfg["n_ctx"], ctx.input("tokenizer"))
@@ -611,12 +609,18 @@ def clt_kind(cross_layer: bool = True, activation: str = "jumprelu") -> str:
     return name if activation == "jumprelu" else f"{name}-{activation}"
 
 
+def _loaded_clt(preset, key, cross_layer: bool, activation: str) -> dict | None:
+    """Where the transcoder of this kind is loaded from, or None when chapter 03 trains it:
+    only the CLT itself can be loaded; the comparison transcoders always train."""
+    from .sources import clt_source
+
+    return clt_source(preset, key) if (cross_layer, activation) == (True, "jumprelu") else None
+
+
 def _clt_config(cross_layer: bool, activation: str):
     def config(preset, key) -> dict:
-        from .sources import clt_source
-
-        source = clt_source(preset, key)
-        if source is not None and (cross_layer, activation) == (True, "jumprelu"):
+        source = _loaded_clt(preset, key, cross_layer, activation)
+        if source is not None:
             return {"model_name": key, "source": source}       # loaded, not trained
         clt = {**preset["clt"], "cross_layer": cross_layer, "activation": activation}
         return {"model_name": key, "clt": clt, "seed": preset["seed"]}
@@ -669,12 +673,12 @@ def _import_clt(ctx: BuildContext, device: str):
     return {"loaded_from": info}
 
 
-def _clt_upstream(preset, key) -> list:
-    from .sources import loads_clts
-
-    if loads_clts(preset):
-        return [("models", key)]
-    return [("models", key), ("data", model_mixture(key))]
+def _clt_upstream(cross_layer: bool, activation: str):
+    def upstream(preset, key) -> list:
+        if _loaded_clt(preset, key, cross_layer, activation) is not None:
+            return [("models", key)]          # a loaded CLT reads no training text
+        return [("models", key), ("data", model_mixture(key))]
+    return upstream
 
 
 def _load_clt(st: Stage, device: str = "cpu"):
@@ -729,7 +733,7 @@ def _register_clt_kinds() -> None:
             name = clt_kind(cross, activation)
             register(StageKind(
                 name, "03", _clt_config(cross, activation),
-                _clt_upstream if name == "clt" else lambda p, k: [("models", k), ("data", model_mixture(k))],
+                _clt_upstream(cross, activation),
                 _build_clt, _load_clt, keys=model_names, resumable=True, distributed=True))
             register(StageKind(
                 f"{name}_eval", "03", _eval_config(name),

@@ -92,13 +92,6 @@ def triangle_pairs(n_layers: int) -> list[tuple[int, int]]:
     return [(l, k) for l in range(n_layers) for k in range(l, n_layers)]
 
 
-def _pick(tensors: dict, name: str):
-    for key in _ALIASES[name]:
-        if key in tensors:
-            return tensors[key]
-    return None
-
-
 class _LazyTensors:
     """The tensors of one or more ``.safetensors`` files, read only when asked for (whole,
     or one row of the first dimension at a time): a released CLT is several GB, so the
@@ -453,14 +446,9 @@ def load_featflow_clt_from_hub(repo_id: str, subfolder: str | None = None,
     """Download a released CLT from the Hugging Face hub (only when called) and load it with
     ``load_featflow_clt``. ``subfolder``: the folder of one CLT inside the repository;
     ``options``: ``load_featflow_clt``'s ``input_convention`` and check arguments."""
-    from huggingface_hub import snapshot_download
+    from ..sources import local_folder
 
-    patterns = None
-    if subfolder:
-        patterns = [f"{subfolder.strip('/')}/*"]
-    local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    if subfolder:
-        local = local / subfolder.strip("/")
+    local, _ = local_folder({"hub": repo_id, "subfolder": subfolder, "revision": revision})
     return load_featflow_clt(local, model=model, device=device, dtype=dtype, **options)
 
 
