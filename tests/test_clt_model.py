@@ -205,6 +205,34 @@ def test_fast_and_autograd_paths_equal_an_independent_two_sided_reference(monkey
             assert torch.allclose(p.grad, g_ref[name], rtol=1e-9, atol=1e-12), (sparse, name)
 
 
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_mode_is_decided_before_the_pairs_are_listed(monkeypatch, mode):
+    """When the fired and window pairs together exceed the budget but might fit at the
+    window pairs' cost, the mode is decided from the count of fired pairs: the pair lists
+    are built only when the sparse mode will use them, and both modes give the reference."""
+    clt = _clt(L=3, d=8, F=24, threshold_init=0.5, bandwidth=0.9)
+    x, y = _data()
+    clt.set_scales_from(x, y)
+    kw = dict(lam=0.7, tanh_c=4.0, preact_coeff=0.3)
+    ref = _reference_loss(clt, x, y, **kw)
+    h, theta = ref["h"], ref["theta"]
+    fired = int((h > theta).sum())
+    window = int(((h <= theta) & (h > theta - 0.45)).sum())
+    cost = fired + clt_model.WINDOW_PAIR_COST * window
+    assert cost < fired + window                          # the undecided zone exists
+    # a budget just above (sparse) or below (dense) the cost, in the undecided zone
+    budget = cost * (1.02 if mode == "sparse" else 0.98)
+    assert clt_model.WINDOW_PAIR_COST * (fired + window) <= budget < fired + window
+    monkeypatch.setattr(clt_model, "DENSE_ABOVE", budget / h.numel())
+    calls = []
+    split = clt_model._split_pairs
+    monkeypatch.setattr(clt_model, "_split_pairs", lambda *a: calls.append(1) or split(*a))
+    out = clt.loss(x, y, kw["lam"], tanh_c=kw["tanh_c"], preact_coeff=kw["preact_coeff"], sparse=True)
+    assert len(calls) == (1 if mode == "sparse" else 0)
+    for key in ("total", "mse", "sparsity", "preact"):
+        assert torch.allclose(out[key], ref[key], rtol=1e-10, atol=1e-12), key
+
+
 def test_sparse_path_float32_matches_dense():
     clt = _clt(L=2, d=16, F=256, dtype=torch.float32)
     x, y = _data(n=256, L=2, d=16, dtype=torch.float32)

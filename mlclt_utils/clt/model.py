@@ -383,22 +383,23 @@ class _DenseJumpEncode(torch.autograd.Function):
                 log_threshold: Tensor, bandwidth: float, norms: Tensor, tanh_c: float):
         L = h.shape[0]
         theta = log_threshold.exp()
-        a, counts, a_sums, T, window = [], [], [], [], []
+        a, fired, counts, a_sums, T, window = [], [], [], [], [], []
         scale = tanh_c * norms                                         # [L, F]
         for l in range(L):
             w = torch.sub(h[l], theta[l]).abs_()
             window.append(torch.lt(w, bandwidth / 2, out=w))           # 1.0 in the window
             m = _float_mask("gt", h[l], theta[l])
+            fired.append(m)
             counts.append(m.sum(0))
-            m.mul_(h[l])                                               # a_l, in place
-            a.append(m)
-            a_sums.append(m.sum(0))
-            T.append(torch.tanh_(m * scale[l]))
+            a_l = torch.mul(m, h[l])
+            a.append(a_l)
+            a_sums.append(a_l.sum(0))
+            T.append(torch.tanh_(a_l * scale[l]))
         count = torch.stack(counts).round().to(torch.int64)            # [L, F]
         x_sum = xt.sum(1)
         pre_sum = _pre_sum(xt, x_sum, W_enc, b_enc, theta, torch.stack(a_sums) - theta * count)
         sparsity = sum(t.sum() for t in T)
-        ctx.save_for_backward(xt, x_sum, theta, count, scale, *a, *T, *window)
+        ctx.save_for_backward(xt, x_sum, theta, count, scale, *a, *fired, *T, *window)
         ctx.bandwidth, ctx.tanh_c, ctx.L = bandwidth, tanh_c, L
         ctx.mark_non_differentiable(count)
         return (*a, sparsity, pre_sum, count)
@@ -407,7 +408,7 @@ class _DenseJumpEncode(torch.autograd.Function):
     def backward(ctx, *grads):
         L = ctx.L
         xt, x_sum, theta, count, scale, *rest = ctx.saved_tensors
-        a, T, window = rest[:L], rest[L:2 * L], rest[2 * L:]
+        a, fired, T, window = rest[:L], rest[L:2 * L], rest[2 * L:3 * L], rest[3 * L:]
         g_a, g_sparsity, g_pre = grads[:L], grads[L], grads[L + 1]
         N, d, F = xt.shape[1], xt.shape[2], theta.shape[1]
         eps = ctx.bandwidth
@@ -417,18 +418,18 @@ class _DenseJumpEncode(torch.autograd.Function):
             g_sparsity = torch.zeros((), dtype=theta.dtype, device=theta.device)
         grad_W = xt.new_empty(L, d, F)
         grad_b, g_theta, g_norms = torch.empty_like(theta), torch.empty_like(theta), torch.empty_like(theta)
+        one = torch.ones((), dtype=theta.dtype, device=theta.device)
         for l in range(L):
-            active = _float_mask("gt", a[l], torch.zeros((), dtype=a[l].dtype))
             # d tanh(c n a) = (1 - T^2) c n: to the activation and to the decoder norm
-            dT = torch.mul(T[l], T[l]).neg_().add_(1.0).mul_(g_sparsity)
-            g_norms[l] = ctx.tanh_c * (dT * a[l]).sum(0)
-            g_al = dT.mul_(scale[l])
-            if g_a[l] is not None:
-                g_al.add_(g_a[l])
+            # (the scalar g_sparsity is folded into the per-feature factors: one pass less)
+            dT = torch.addcmul(one, T[l], T[l], value=-1.0)
+            g_norms[l] = (ctx.tanh_c * g_sparsity) * (dT * a[l]).sum(0)
+            factor = scale[l] * g_sparsity
+            g_al = dT.mul_(factor) if g_a[l] is None else torch.addcmul(g_a[l], dT, factor, out=dT)
             # two-sided straight-through threshold gradient: every position in the window
             g_theta[l] = -(theta[l] / eps) * torch.mul(window[l], g_al).sum(0)
             # dL/dh: g_a at active positions, -gP where h < theta (see _SparseJumpEncode)
-            S = g_al.add_(g_pre[l]).mul_(active)
+            S = g_al.add_(g_pre[l]).mul_(fired[l])
             grad_W[l] = xt[l].t() @ S
             grad_b[l] = S.sum(0)
         grad_W -= x_sum.unsqueeze(2) * g_pre.unsqueeze(1)
@@ -711,11 +712,19 @@ class CrossLayerTranscoder(nn.Module):
             # mode: the sparse kernels while the active pairs, plus the window pairs at a
             # third of their cost, stay below DENSE_ABOVE of all pairs
             budget = DENSE_ABOVE * mask.numel()
-            split = None
-            if WINDOW_PAIR_COST * int(torch.count_nonzero(mask)) <= budget:
+            n_mask = int(torch.count_nonzero(mask))          # fired + window pairs
+            if WINDOW_PAIR_COST * n_mask > budget:
+                split = None
+            elif n_mask > budget:
+                # undecided: count the fired pairs (one pass into the reused mask buffer)
+                # before listing pairs that the dense mode would throw away
+                n_fired = int(torch.count_nonzero(torch.gt(h, theta.unsqueeze(1), out=mask)))
+                split = None
+                if n_fired + WINDOW_PAIR_COST * (n_mask - n_fired) <= budget:
+                    torch.gt(h, (theta - eps / 2).unsqueeze(1), out=mask)
+                    split = _split_pairs(h, mask, theta)
+            else:
                 split = _split_pairs(h, mask, theta)
-                if split[0].numel() + WINDOW_PAIR_COST * split[1].numel() > budget:
-                    split = None
             if split is None:
                 args = (h, mask, xt, self.W_enc, self.b_enc, self.log_threshold, eps)
                 *a, sparsity, pre_sum, fire_counts = _DenseJumpEncode.apply(*args, norms, tanh_c)
