@@ -50,7 +50,7 @@ def test_bilingual_preset_cuts_the_run_to_its_pair():
     p = bilingual_preset(load_preset("small"))
     assert p["corpus"]["languages"] == ["en", "ja"] and p["mixtures"]["english_shares"] == [0.5]
     assert model_names(p) == size_models(p) == ["s-en50", "m-en50"]
-    assert p["models"]["sizes"]["s"]["d_model"] == 96 and p["training"]["tokens"] == 600_000
+    assert p["models"]["sizes"]["s"]["d_model"] == 96 and p["training"]["tokens"] == 4_800_000
     other = bilingual_preset(load_preset("tiny", {"bilingual.languages": ["fr", "ar"]}))
     assert other["mixtures"]["english_shares"] == [0.0] and model_names(other) == ["s-en0", "m-en0"]
     with pytest.raises(ValueError, match="two languages"):
