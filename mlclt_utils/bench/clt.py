@@ -22,6 +22,12 @@ The synthetic activations come from the generative model a CLT assumes: per laye
 sparse code (``k`` of ``F / 8`` atoms, values in [0.5, 1.5]) gives x_l = D_l s_l + noise
 and y_k = sum_{l<=k} E_{l,k} s_l.
 
+``--peer`` also times one training step of decode-clt (the ``clt`` package of
+``pip install --no-deps decode-clt``) beside this project's, at the reference shape in the
+early regime, interleaved in one process on the same scaled activations: JumpReLU with
+the same threshold, tanh sparsity and pre-activation terms, Adam, the cached decoder norms
+reset after each step as its trainer does (data loading and logging left out of both).
+
 ``--full-run TOKENS`` also trains the reference shape from scratch with ``train_clt``
 (the preset's lambda schedule) on synthetic activations and reports the average
 throughput over the whole run, dense start included, and the final FVU and L0;
@@ -223,6 +229,76 @@ def full_run(n_tokens: int, threads: int = 2, sparse: bool | None = None, seed: 
             "curve": summary["final"]}
 
 
+def peer_run(threads: int = 2, steps: int = 20, seed: int = 0) -> dict:
+    """Median tokens/s of decode-clt's training step and of this project's, side by side."""
+    import statistics
+
+    try:
+        from clt.config import CLTConfig as PeerConfig, TrainingConfig
+        from clt.models.clt import CrossLayerTranscoder as PeerCLT
+        from clt.training.losses import LossManager
+    except ImportError as err:
+        raise ImportError("--peer needs decode-clt: pip install --no-deps decode-clt") from err
+    from ..clt.model import CLTConfig, CrossLayerTranscoder
+    from ..clt.train import compute_step, make_optimizer
+    from ..presets import load_preset
+
+    torch.set_num_threads(threads)
+    L, d, F, B = CASES["reference"]
+    cfg = dict(load_preset("small")["clt"])
+    pool = 8
+    x, y = synthetic_activations(pool * B, L, d, n_atoms=F // 8, k=4, seed=seed)
+    ours = CrossLayerTranscoder(CLTConfig(L, d, F), generator=torch.Generator().manual_seed(seed))
+    ours.set_scales_from(x[:4096], y[:4096])
+    optimizer = make_optimizer(ours, 2e-3)
+    peer_cfg = PeerConfig(num_features=F, num_layers=L, d_model=d, activation_fn="jumprelu",
+                          jumprelu_threshold=ours.cfg.threshold_init, normalization_method="none")
+    torch.manual_seed(seed)
+    peer = PeerCLT(peer_cfg, process_group=None, device=torch.device("cpu"))
+    losses = LossManager(TrainingConfig(
+        learning_rate=2e-3, training_steps=1000, normalization_method="none",
+        sparsity_lambda=cfg["lambda_max"], sparsity_c=cfg["tanh_c"],
+        preactivation_coef=cfg["preact_coeff"], activation_path="unused"), clt_config=peer_cfg)
+    peer_opt = torch.optim.Adam(peer.parameters(), lr=2e-3)
+    # the peer reads per-layer tensors, already scaled as ours scales them inside its loss
+    peer_batches = [({l: (x[i * B:(i + 1) * B, l] * ours.input_scale[l]).contiguous() for l in range(L)},
+                     {l: (y[i * B:(i + 1) * B, l] * ours.output_scale[l]).contiguous() for l in range(L)})
+                    for i in range(pool)]
+
+    def our_step(i):
+        j = i % pool
+        out = compute_step(ours, optimizer, x[j * B:(j + 1) * B], y[j * B:(j + 1) * B],
+                           cfg["lambda_max"], cfg)
+        optimizer.step()
+        return float(out["l0"])
+
+    def peer_step(i):
+        inputs, targets = peer_batches[i % pool]
+        peer_opt.zero_grad(set_to_none=True)
+        acts = peer.get_feature_activations(inputs)
+        loss, _ = losses.compute_total_loss(peer, inputs, targets, 500, 1000, precomputed_activations=acts)
+        loss.backward()
+        peer_opt.step()
+        peer.decoder_module._cached_decoder_norms = None
+        return sum(float((a > 0).sum(-1).float().mean()) for a in acts.values()) / L
+
+    times, l0 = {"this project": [], "decode-clt": []}, {}
+    for _ in range(2):                        # two interleaved blocks, 3 untimed steps each
+        for name, step in (("decode-clt", peer_step), ("this project", our_step)):
+            for i in range(3 + steps // 2):
+                t0 = time.perf_counter()
+                l0[name] = step(i)
+                if i >= 3:
+                    times[name].append(time.perf_counter() - t0)
+    rates = {name: B / statistics.median(ts) for name, ts in times.items()}
+    for name, rate in rates.items():
+        print(f"{name:>12}: {rate:8,.0f} tokens/s (median of {len(times[name])} steps), "
+              f"L0 {l0[name]:.0f} per layer", flush=True)
+    ratio = rates["this project"] / rates["decode-clt"]
+    print(f"reference shape, early regime, {threads} threads: this project / decode-clt = {ratio:.2f}x")
+    return {"peer": "decode-clt", "tokens_per_s": rates, "ratio": ratio}
+
+
 def _run_worker(case, phase, state, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
@@ -294,6 +370,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
                         help="also train the reference shape from scratch on this many tokens")
     parser.add_argument("--compare-dense", action="store_true",
                         help="with --full-run: repeat it with the dense path")
+    parser.add_argument("--peer", action="store_true",
+                        help="also time decode-clt's training step side by side (reference shape, early)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
@@ -315,6 +393,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
                   f"{[round(v, 3) for v in r['fvu']]}, L0 per layer {[round(v, 1) for v in r['l0']]}",
                   flush=True)
             rows.append({"full_run": True, **r})
+    if args.peer:
+        rows.append(peer_run(args.threads, args.steps))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows
