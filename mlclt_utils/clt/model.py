@@ -373,9 +373,9 @@ class _DenseJumpEncode(torch.autograd.Function):
 
     Returns the activations of each layer a_l = h_l * 1[h_l > theta_l] ([N, F] each), the
     sparsity sum S = sum tanh(c a ||W_dec||), the pre-activation sums P [L, F] and the
-    firing counts. Active positions are recovered in the backward pass as a > 0 (theta > 0);
-    the kernel window |h - theta| < eps / 2 (both sides, see ``_JumpReLU``) is kept from
-    the forward pass as a float mask, since h itself lives in a reused buffer.
+    firing counts. The firing positions h > theta and the kernel window |h - theta| < eps / 2
+    (both sides, see ``_JumpReLU``) are kept from the forward pass as float masks, since h
+    itself lives in a reused buffer (``mask`` is not read: it may already hold another mask).
     """
 
     @staticmethod
