@@ -239,18 +239,11 @@ def peer_run(threads: int = 2, steps: int = 20, seed: int = 0) -> dict:
         from clt.training.losses import LossManager
     except ImportError as err:
         raise ImportError("--peer needs decode-clt: pip install --no-deps decode-clt") from err
-    from ..clt.model import CLTConfig, CrossLayerTranscoder
-    from ..clt.train import compute_step, make_optimizer
-    from ..presets import load_preset
+    from ..clt.train import compute_step
 
-    torch.set_num_threads(threads)
-    L, d, F, B = CASES["reference"]
-    cfg = dict(load_preset("small")["clt"])
-    pool = 8
-    x, y = synthetic_activations(pool * B, L, d, n_atoms=F // 8, k=4, seed=seed)
-    ours = CrossLayerTranscoder(CLTConfig(L, d, F), generator=torch.Generator().manual_seed(seed))
-    ours.set_scales_from(x[:4096], y[:4096])
-    optimizer = make_optimizer(ours, 2e-3)
+    # this project's side is the benchmark's own early regime of the reference case
+    (L, d, F, B), cfg, x, y, ours, optimizer = _setup("reference", threads, seed)
+    pool = x.shape[0] // B
     peer_cfg = PeerConfig(num_features=F, num_layers=L, d_model=d, activation_fn="jumprelu",
                           jumprelu_threshold=ours.cfg.threshold_init, normalization_method="none")
     torch.manual_seed(seed)

@@ -375,11 +375,11 @@ class _DenseJumpEncode(torch.autograd.Function):
     sparsity sum S = sum tanh(c a ||W_dec||), the pre-activation sums P [L, F] and the
     firing counts. The firing positions h > theta and the kernel window |h - theta| < eps / 2
     (both sides, see ``_JumpReLU``) are kept from the forward pass as float masks, since h
-    itself lives in a reused buffer (``mask`` is not read: it may already hold another mask).
+    itself lives in a reused buffer.
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, mask: Tensor, xt: Tensor, W_enc: Tensor, b_enc: Tensor,
+    def forward(ctx, h: Tensor, xt: Tensor, W_enc: Tensor, b_enc: Tensor,
                 log_threshold: Tensor, bandwidth: float, norms: Tensor, tanh_c: float):
         L = h.shape[0]
         theta = log_threshold.exp()
@@ -435,7 +435,7 @@ class _DenseJumpEncode(torch.autograd.Function):
         grad_W -= x_sum.unsqueeze(2) * g_pre.unsqueeze(1)
         grad_b -= N * g_pre
         g_theta += g_pre * (N - count)
-        return None, None, None, grad_W, grad_b, g_theta * theta, None, g_norms, None
+        return None, None, grad_W, grad_b, g_theta * theta, None, g_norms, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -726,7 +726,7 @@ class CrossLayerTranscoder(nn.Module):
             else:
                 split = _split_pairs(h, mask, theta)
             if split is None:
-                args = (h, mask, xt, self.W_enc, self.b_enc, self.log_threshold, eps)
+                args = (h, xt, self.W_enc, self.b_enc, self.log_threshold, eps)
                 *a, sparsity, pre_sum, fire_counts = _DenseJumpEncode.apply(*args, norms, tanh_c)
                 y_hat = self._decode_layers(a)
                 sparsity = sparsity / N
